@@ -1,0 +1,41 @@
+# poller: `make run` and `make test` do all set-up on a fresh machine that has
+# Python 3.11+, make and a C compiler.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export POLLER_STATE_DIR ?= $(CURDIR)/var
+
+.PHONY: install run test lint bench clean stack-down help
+
+help:
+	@echo "make run      start the embedded stack and poller serve"
+	@echo "make test     run the whole test suite against real servers"
+	@echo "make lint     ruff and mypy --strict on src/"
+	@echo "make clean    stop the embedded stack, remove the venv and state"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[embedded,dev]'
+	@touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/poller stack up
+	exec $(BIN)/poller serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy --strict src/poller
+
+stack-down:
+	@if [ -x $(BIN)/poller ]; then $(BIN)/poller stack down; fi
+
+clean: stack-down
+	rm -rf $(VENV) var build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

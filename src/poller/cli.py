@@ -1,0 +1,183 @@
+"""The ``poller`` command line: the only place that reads flags, installs
+signal handlers and calls ``sys.exit``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from poller import __version__, config, logs
+from poller.config import Settings
+from poller.errors import PollerError, UsageError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+PASSWORD_ENV = "POLLER_DEVICE_PASSWORD"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line, like every other usage error here."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS lets these sit before or after the sub-command without the
+    # sub-parser's default wiping a value given before it.
+    g = parser.add_argument_group("configuration")
+    g.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="PATH",
+                   help="TOML configuration file (default /etc/poller/poller.toml if present)")
+    g.add_argument("--state-dir", default=argparse.SUPPRESS, metavar="DIR",
+                   help="state directory (default ./var or POLLER_STATE_DIR)")
+    g.add_argument("--set", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                   dest="overrides", help="override a configuration key, e.g. "
+                   "--set polling.interval_s=10 (repeatable)")
+    g.add_argument("--log-level", default=argparse.SUPPRESS,
+                   choices=("debug", "info", "warning", "error"))
+    g.add_argument("--log-format", default=argparse.SUPPRESS, choices=("text", "json"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="poller", description="Polls fleets of home energy gateways on a "
+                     "fixed schedule and keeps every reading.")
+    parser.add_argument("--version", action="version", version=f"poller {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+
+    def cmd(name: str, help: str, func: Callable[..., Any]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _common(p)
+        p.set_defaults(func=func)
+        return p
+
+    from poller import commands as c
+
+    cmd("serve", "run the poller until SIGTERM", c.serve)
+    cmd("migrate", "apply pending schema migrations", c.migrate)
+
+    p = cmd("stack", "start, stop or show the embedded Postgres/Valkey/SeaweedFS", c.stack)
+    p.add_argument("action", choices=("up", "down", "status"))
+
+    p = cmd("config", "show the effective configuration (secrets redacted)", c.config_show)
+    p.add_argument("action", choices=("show",))
+    p.add_argument("--keys", action="store_true", help="list every key and its variable")
+    p.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+
+    cmd("secret-key", "print a new random sealing key for POLLER_SECRET_KEY", c.secret_key)
+
+    p = cmd("add-user", "register a device (password from a prompt, stdin or "
+            f"{PASSWORD_ENV})", c.add_user)
+    p.add_argument("cloud_id", metavar="CLOUD_ID", help="the device's id, e.g. 00ce69")
+    _device_flags(p, adding=True)
+
+    p = cmd("update-user", "change a registered device", c.update_user)
+    p.add_argument("cloud_id", metavar="CLOUD_ID")
+    _device_flags(p, adding=False)
+
+    p = cmd("remove-user", "stop polling a device and wipe its credentials "
+            "(its readings stay)", c.remove_user)
+    p.add_argument("cloud_id", metavar="CLOUD_ID")
+
+    p = cmd("list-users", "list registered devices (never a secret)", c.list_users)
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    return parser
+
+
+def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
+    p.add_argument("--email", required=False, default=None,
+                   help="account email (the cloud API's User header)")
+    p.add_argument("--driver", default="eagle-cloud" if adding else None,
+                   help="eagle-cloud (default), eagle-local or http-json")
+    p.add_argument("--url", default=None, help="device or API base URL")
+    p.add_argument("--interval", type=_seconds, default=None, metavar="SECONDS",
+                   help="poll interval (default: polling.interval_s)")
+    p.add_argument("--field", action="append", default=None, metavar="NAME=/json/pointer",
+                   help="http-json: where a reading field lives in the answer (repeatable)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password or install code from standard input")
+    if not adding:
+        p.add_argument("--change-password", action="store_true",
+                       help=f"set a new password (prompt, or {PASSWORD_ENV})")
+        p.add_argument("--clear-url", action="store_true", help="use the driver's default URL")
+        state = p.add_mutually_exclusive_group()
+        state.add_argument("--enable", dest="enabled", action="store_true", default=None)
+        state.add_argument("--disable", dest="enabled", action="store_false")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") \
+            from None
+    if value != value or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    overrides: dict[str, str] = {}
+    for text in getattr(args, "overrides", []) or []:
+        key, value = config.parse_override(text)
+        overrides[key] = value
+    if hasattr(args, "state_dir"):
+        overrides["state_dir"] = args.state_dir
+    for flag, key in (("log_level", "log.level"), ("log_format", "log.format")):
+        if hasattr(args, flag):
+            overrides[key] = getattr(args, flag)
+    path = getattr(args, "config", config.DEFAULT_CONFIG_PATH)
+    return config.load(config_path=path, env=env, overrides=overrides)
+
+
+def read_password(args: argparse.Namespace, *, confirm: bool) -> str:
+    """The device password: --password-stdin, the environment, or a no-echo prompt."""
+    if getattr(args, "password_stdin", False):
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n")
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    if not sys.stdin.isatty():
+        raise UsageError(f"no password: pipe it with --password-stdin or set {PASSWORD_ENV} "
+                         "(flags would show it in ps)")
+    first = getpass.getpass("Device password or install code: ")
+    if confirm and getpass.getpass("Again: ") != first:
+        raise UsageError("the two passwords differ")
+    return first
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except PollerError as exc:
+        print(f"poller: configuration error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    logs.setup(settings.log.level, settings.log.format)
+    try:
+        code = args.func(settings, args)
+    except PollerError as exc:
+        print(f"poller: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code)
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,0 +1,226 @@
+"""What each ``poller`` sub-command does, given settings and parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from poller import config, endpoints, sealing
+from poller.cli import print_json, read_password, run_async
+from poller.config import Settings
+from poller.errors import UsageError
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# -- stack, config, keys ------------------------------------------------------
+
+def stack(settings: Settings, args: argparse.Namespace) -> int:
+    from poller.stack import EmbeddedStack
+
+    st = EmbeddedStack(settings.state_dir, database_url=settings.database.url or None,
+                       redis_url=settings.redis.url or None,
+                       s3_endpoint_url=settings.s3.endpoint_url or None,
+                       bucket=settings.s3.bucket, progress=progress)
+    if args.action == "up":
+        info = st.up()
+        print(f"database  {info.database_url}\nredis     {info.redis_url}\n"
+              f"s3        {info.s3_endpoint_url}  (bucket {info.bucket})")
+        return 0
+    if args.action == "down":
+        st.down()
+        return 0
+    running = True
+    for name, status in st.status().items():
+        print(f"{name:9} {status}")
+        running = running and "running" in str(status)
+    return 0 if running else 3
+
+
+def config_show(settings: Settings, args: argparse.Namespace) -> int:
+    if args.keys:
+        for key, env, help in config.describe_keys():
+            print(f"{key:34} {env:40} {help}")
+        return 0
+    doc = config.as_dict(settings)
+    if args.json:
+        print_json(doc)
+    else:
+        sys.stdout.write(config.to_toml(doc))
+    return 0
+
+
+def secret_key(settings: Settings, args: argparse.Namespace) -> int:
+    print(sealing.encode_key(sealing.generate_key()))
+    return 0
+
+
+# -- database-backed commands -------------------------------------------------
+
+def _with_db(settings: Settings, body: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``body(conn)`` on a migrated database connection."""
+    from poller import db, migrate
+
+    url = endpoints.resolve(settings, progress=progress).database_url
+
+    async def run() -> int:
+        conn = await db.connect(url)
+        try:
+            await migrate.migrate(conn)
+            return await body(conn)
+        finally:
+            await conn.close()
+
+    return run_async(run())
+
+
+def migrate(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(conn: Any) -> int:
+        # _with_db has migrated already; report what is there.
+        rows = await conn.fetch("SELECT name FROM schema_migrations ORDER BY version")
+        print(f"schema up to date: {len(rows)} migration(s), last {rows[-1]['name']}")
+        return 0
+
+    return _with_db(settings, body)
+
+
+def _registry(conn: Any, settings: Settings) -> Any:
+    from poller.registry import Registry
+
+    return Registry(conn, sealing.SecretBox(sealing.load_key(settings.state_dir)))
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.field:
+        return None
+    fields: dict[str, str] = {}
+    for item in args.field:
+        name, sep, pointer = item.partition("=")
+        if not sep or not pointer.startswith("/"):
+            raise UsageError(f"--field expects NAME=/json/pointer, got {item!r}")
+        fields[name] = pointer
+    return {"fields": fields}
+
+
+def add_user(settings: Settings, args: argparse.Namespace) -> int:
+    from poller.registry import check_cloud_id, check_driver, check_email, check_url
+
+    # Validate everything before asking for a password or touching a server.
+    driver = check_driver(args.driver)
+    check_cloud_id(args.cloud_id, driver)
+    check_email(args.email or "", driver)
+    check_url(args.url, driver)
+    options = _fields(args) or {}
+    secret = read_password(args, confirm=True)
+    interval = args.interval if args.interval is not None else settings.polling.interval_s
+
+    async def body(conn: Any) -> int:
+        rec = await _registry(conn, settings).add(
+            args.cloud_id, email=args.email or "", driver=driver, url=args.url,
+            interval_s=interval, options=options, secret=secret)
+        print(f"registered {rec.cloud_id} (id {rec.id}, {rec.driver}, every {rec.interval_s:g} s)")
+        return 0
+
+    return _with_db(settings, body)
+
+
+def update_user(settings: Settings, args: argparse.Namespace) -> int:
+    secret = None
+    if args.change_password or args.password_stdin:
+        secret = read_password(args, confirm=True)
+
+    async def body(conn: Any) -> int:
+        rec = await _registry(conn, settings).update(
+            args.cloud_id, email=args.email, driver=args.driver, url=args.url,
+            clear_url=args.clear_url, interval_s=args.interval, enabled=args.enabled,
+            options=_fields(args), secret=secret)
+        print(f"updated {rec.cloud_id}")
+        return 0
+
+    return _with_db(settings, body)
+
+
+def remove_user(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(conn: Any) -> int:
+        from poller.registry import Registry
+
+        # Removal needs no key: it wipes the sealed secret without opening it.
+        rec = await Registry(conn, _NoBox()).remove(args.cloud_id)
+        print(f"removed {rec.cloud_id} (its readings are kept)")
+        return 0
+
+    return _with_db(settings, body)
+
+
+def list_users(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(conn: Any) -> int:
+        from poller.registry import Registry
+
+        records = await Registry(conn, _NoBox()).listing()
+        if args.json:
+            print_json([r.to_json() for r in records])
+            return 0
+        header = f"{'CLOUD_ID':10} {'DRIVER':12} {'INTERVAL':>8} {'ENABLED':7} {'EMAIL':30} URL"
+        print(header)
+        for r in records:
+            print(f"{r.cloud_id:10} {r.driver:12} {r.interval_s:>8g} "
+                  f"{'yes' if r.enabled else 'no':7} {r.email:30} {r.url or '-'}")
+        print(f"{len(records)} device(s)", file=sys.stderr)
+        return 0
+
+    return _with_db(settings, body)
+
+
+class _NoBox(sealing.SecretBox):
+    """For commands that never seal or open a secret: they need no key."""
+
+    def __init__(self) -> None:
+        super().__init__(bytes(32))
+
+    def seal(self, plaintext: str, *, context: str) -> bytes:
+        raise AssertionError("this command does not seal secrets")
+
+    def open(self, sealed: bytes, *, context: str) -> str:
+        raise AssertionError("this command does not open secrets")
+
+
+# -- the service --------------------------------------------------------------
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT. The first signal stops gracefully (bounded by
+    ingest.shutdown_grace_s inside the service); a second one exits at once."""
+    import asyncio
+    import logging
+    import os
+    import signal
+
+    from poller.service import Service
+
+    log = logging.getLogger("poller.service")
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if stopping.is_set():
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("%s: stopping", signal.Signals(signum).name)
+            stopping.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        service = Service(settings, progress=progress)
+        try:
+            await service.start()
+            await stopping.wait()
+        finally:
+            await service.stop()
+        return 0
+
+    return run_async(main())

@@ -1,0 +1,395 @@
+"""Settings: one typed, frozen object built at the edge and passed down.
+
+Precedence, lowest first: defaults < TOML file < environment (``POLLER_*``) <
+command-line flags. Every key is ``section.name`` (or a bare top-level name);
+its environment variable is ``POLLER_SECTION_NAME``. Unknown keys and values of
+the wrong form stop the program with a message naming the key and the form
+expected, e.g.::
+
+    >>> load(env={"POLLER_POLLING_INTERVAL_S": "soon"}, config_path=None)
+    Traceback (most recent call last):
+    ...
+    poller.errors.ConfigError: polling.interval_s: expected a number of seconds, got 'soon'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from poller.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/poller/poller.toml")
+ENV_PREFIX = "POLLER_"
+# Environment variables that are read elsewhere and are not configuration keys.
+NON_CONFIG_ENV = frozenset(
+    {"POLLER_CONFIG", "POLLER_SECRET_KEY", "POLLER_DEVICE_PASSWORD", "POLLER_SCHEMA_DIR"}
+)
+REDACTED = "***"
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    form: str | None = None,
+) -> Any:
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "secret": secret,
+            "form": form}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    url: str = _opt("", "PostgreSQL URL; empty: the embedded server", form="url")
+    pool_max: int = _opt(8, "largest connection pool", min=1, max=200)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = _opt("", "Redis URL; empty: the embedded Valkey", form="url")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    endpoint_url: str = _opt("", "S3 endpoint URL; empty: the embedded SeaweedFS, "
+                             "'aws': Amazon's default endpoints", form="url")
+    bucket: str = _opt("poller-archive", "archive bucket", form="bucket")
+    prefix: str = _opt("poller", "key prefix inside the bucket", form="prefix")
+    region: str = _opt("us-east-1", "S3 region")
+    access_key_id: str = _opt("", "access key id; empty: the default credential chain")
+    secret_access_key: str = _opt("", "secret access key", secret=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PollingSettings:
+    interval_s: float = _opt(6.0, "seconds between two polls of a device", min=0.05, max=86400)
+    timeout_s: float = _opt(4.0, "per-poll deadline, below interval_s", min=0.01, max=3600)
+    max_in_flight: int = _opt(20000, "global cap on polls in flight", min=1, max=1_000_000)
+    connections_per_host: int = _opt(512, "keep-alive connections per device host",
+                                     min=1, max=100_000)
+    auth_failed_interval_s: float = _opt(300.0, "poll interval of a device whose "
+                                         "credentials were rejected", min=1, max=86400)
+    backoff_max_s: float = _opt(300.0, "cap of the back-off after network failures",
+                                min=0.1, max=86400)
+    totals_every: int = _opt(10, "read meter totals every N-th poll (eagle-cloud)",
+                             min=1, max=100_000)
+    cloud_base_url: str = _opt("https://rainforestcloud.com:9445",
+                               "base URL of the Rainforest cloud API", form="url")
+    phase_seed: str = _opt("", "mixed into each device's phase hash; empty: instance_id")
+    resync_interval_s: float = _opt(30.0, "full registry resync period", min=1, max=86400)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    batch_rows: int = _opt(5000, "flush when this many readings wait", min=1, max=1_000_000)
+    flush_interval_s: float = _opt(1.0, "flush at least this often", min=0.01, max=3600)
+    buffer_max_rows: int = _opt(200_000, "readings held in memory at most; beyond, "
+                                "polling waits on the spool", min=1, max=100_000_000)
+    disk_warn_percent: float = _opt(85.0, "warn when the spool's disk is this full",
+                                    min=1, max=100)
+    shutdown_grace_s: float = _opt(20.0, "seconds to flush and upload at shutdown",
+                                   min=0, max=3600)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    enabled: bool = _opt(True, "serve the HTTP API, /metrics and health checks")
+    host: str = _opt("127.0.0.1", "address the API binds", form="host")
+    port: int = _opt(8640, "API port; 0 picks a free one", min=0, max=65535)
+    admin_token: str = _opt("", "bearer token for writes", secret=True)
+    read_token: str = _opt("", "bearer token for reads", secret=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    format: str = _opt("text", "log line format", choices=("text", "json"))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    state_dir: Path = _opt(Path("var"), "state directory (embedded servers, spool, key file)")
+    instance_id: str = _opt("", "this instance's name in archive keys; empty: the host name",
+                            form="instance")
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    polling: PollingSettings = field(default_factory=PollingSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Settings)
+    if f.default_factory is not dataclasses.MISSING
+}
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def _fields_of(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> list[str]:
+    """Every configuration key, dotted, in declaration order."""
+    keys: list[str] = []
+    for f in dataclasses.fields(Settings):
+        if f.name in _SECTIONS:
+            keys.extend(f"{f.name}.{sub}" for sub in _fields_of(_SECTIONS[f.name]))
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _field_for(key: str) -> dataclasses.Field[Any]:
+    section, _, name = key.partition(".")
+    if name:
+        cls = _SECTIONS.get(section)
+        found = _fields_of(cls).get(name) if cls else None
+    else:
+        found = _fields_of(Settings).get(section)
+        if found is not None and found.name in _SECTIONS:
+            found = None
+    if found is None:
+        raise ConfigError(key, "unknown key (known keys: see `poller config show`)")
+    return found
+
+
+def _coerce(key: str, f: dataclasses.Field[Any], raw: Any, from_text: bool) -> Any:
+    """Turn a TOML value (typed) or an env/flag string into the field's type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    meta = f.metadata
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if from_text and isinstance(raw, str) and raw.lower() in {"true", "1", "yes", "on",
+                                                                  "false", "0", "no", "off"}:
+            return raw.lower() in {"true", "1", "yes", "on"}
+        raise ConfigError(key, f"expected true or false, got {raw!r}")
+    if kind in ("int", "float"):
+        value: float
+        if isinstance(raw, bool):
+            raise ConfigError(key, f"expected a number, got {raw!r}")
+        try:
+            if kind == "int":
+                if isinstance(raw, float) or (isinstance(raw, str) and not from_text):
+                    raise ValueError
+                value = int(raw)
+            else:
+                if isinstance(raw, str) and not from_text:
+                    raise ValueError
+                value = float(raw)
+        except (TypeError, ValueError):
+            unit = " of seconds" if key.endswith("_s") else ""
+            form = "a whole number" if kind == "int" else f"a number{unit}"
+            raise ConfigError(key, f"expected {form}, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(key, f"expected a finite number, got {raw!r}")
+        lo, hi = meta.get("min"), meta.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(key, f"expected a value between {lo:g} and {hi:g}, got {raw!r}")
+        return value
+    if kind == "Path":
+        if not isinstance(raw, str) or not raw.strip():
+            raise ConfigError(key, f"expected a path, got {raw!r}")
+        return Path(raw)
+    if not isinstance(raw, str):
+        raise ConfigError(key, f"expected a string, got {raw!r}")
+    return _check_string(key, raw, meta)
+
+
+def _check_string(key: str, raw: str, meta: Mapping[str, Any]) -> str:
+    choices = meta.get("choices")
+    if choices and raw.lower() not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {raw!r}")
+    if choices:
+        return raw.lower()
+    form = meta.get("form")
+    if form == "url" and raw and raw != "aws":
+        parts = urlsplit(raw)
+        if not parts.scheme or not (parts.netloc or parts.query or parts.path):
+            raise ConfigError(key, f"expected a URL such as scheme://host:port/..., got {raw!r}")
+    elif form == "bucket" and not _BUCKET_RE.match(raw):
+        raise ConfigError(key, f"expected an S3 bucket name (3-63 of a-z 0-9 . -), got {raw!r}")
+    elif form == "prefix" and raw and not _PREFIX_RE.match(raw):
+        raise ConfigError(key, f"expected a key prefix like 'poller' or 'a/b', got {raw!r}")
+    elif form == "instance" and raw and not _INSTANCE_RE.match(raw):
+        raise ConfigError(key, f"expected 1-63 of A-Z a-z 0-9 _ . - , got {raw!r}")
+    elif form == "host" and (not raw or any(c.isspace() for c in raw)):
+        raise ConfigError(key, f"expected a host name or address, got {raw!r}")
+    return raw
+
+
+def _flatten_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            if name not in _SECTIONS:
+                raise ConfigError(name, f"unknown section in {source}")
+            for sub, subvalue in value.items():
+                flat[f"{name}.{sub}"] = subvalue
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"no such file: {path}") from None
+    except PermissionError:
+        raise ConfigError("--config", f"cannot read {path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    return _flatten_toml(data, str(path))
+
+
+def load(
+    *,
+    config_path: Path | None = DEFAULT_CONFIG_PATH,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from defaults, file, environment and flag overrides.
+
+    ``config_path`` None: no file. The default path is read only if it exists;
+    a path given explicitly must exist. ``overrides`` are ``key -> text`` from
+    flags and win over everything else.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_path
+    if "POLLER_CONFIG" in env and config_path == DEFAULT_CONFIG_PATH:
+        path = Path(env["POLLER_CONFIG"])
+    if path is not None and (path != DEFAULT_CONFIG_PATH or path.exists()):
+        for key, raw in read_toml(path).items():
+            values[key] = _coerce(key, _field_for(key), raw, from_text=False)
+    known_env = {env_name(k): k for k in all_keys()}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
+            continue
+        found = known_env.get(name)
+        if found is None:
+            raise ConfigError(name, "unknown environment variable (a typo? see "
+                              "`poller config show --keys`)")
+        values[found] = _coerce(found, _field_for(found), raw, from_text=True)
+    for key, raw in (overrides or {}).items():
+        values[key] = _coerce(key, _field_for(key), raw, from_text=True)
+    return _build(values)
+
+
+def _build(values: Mapping[str, Any]) -> Settings:
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if name:
+            sections[section][name] = value
+        else:
+            top[key] = value
+    built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+    settings = Settings(**top, **built)
+    if not settings.instance_id:
+        host = socket.gethostname().split(".")[0] or "poller"
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", host)[:63]
+        settings = dataclasses.replace(settings, instance_id=host)
+    _cross_check(settings)
+    return settings
+
+
+def _cross_check(s: Settings) -> None:
+    if s.polling.timeout_s >= s.polling.interval_s:
+        raise ConfigError("polling.timeout_s", f"must be below polling.interval_s "
+                          f"({s.polling.interval_s:g}), got {s.polling.timeout_s:g}")
+    if s.api.enabled and not (s.api.admin_token or s.api.read_token) and \
+            s.api.host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError("api.host", "with no api.admin_token or api.read_token the API "
+                          f"binds only to loopback (127.0.0.1, ::1), got {s.api.host!r}")
+    for key in ("admin_token", "read_token"):
+        token = getattr(s.api, key)
+        if token and len(token) < 16:
+            raise ConfigError(f"api.{key}", "expected a token of at least 16 characters")
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``section.key=value`` from ``--set`` -> (key, value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", f"expected KEY=VALUE such as polling.interval_s=10, "
+                          f"got {text!r}")
+    key = key.strip()
+    _field_for(key)
+    return key, value
+
+
+def as_dict(settings: Settings, *, redact: bool = True) -> dict[str, Any]:
+    """The effective settings, nested like the TOML file, secrets redacted."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in _SECTIONS:
+            sub: dict[str, Any] = {}
+            for g in dataclasses.fields(value):
+                item = getattr(value, g.name)
+                if redact and g.metadata.get("secret") and item:
+                    item = REDACTED
+                sub[g.name] = item
+            out[f.name] = sub
+        else:
+            out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, environment variable, help) for every key."""
+    rows = []
+    for key in all_keys():
+        rows.append((key, env_name(key), str(_field_for(key).metadata.get("help", ""))))
+    return rows
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Render :func:`as_dict` output as TOML (flat values only, as ours are)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for name, value in data.items():
+        if isinstance(value, Mapping):
+            tables.append((name, value))
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,107 @@
+"""The device-driver seam.
+
+A driver knows one device protocol and nothing about scheduling or I/O. For
+each device it makes a :class:`DeviceSession`, which holds everything that can
+be computed once (request bytes, auth headers) and turns one poll into a short
+exchange: ``begin()`` gives the first request, ``feed()`` takes each answer and
+gives either the next request or the finished :class:`Sample`. Failures are
+raised as :class:`PollFailure` with an :class:`Outcome`; the polling loop turns
+them into data (counters, state, backoff).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+
+class Outcome(enum.Enum):
+    """How a poll ended. The values are the label values of the metrics."""
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    CONNECT_ERROR = "connect_error"
+    HTTP_ERROR = "http_error"
+    AUTH_REJECTED = "auth_rejected"
+    DEVICE_ERROR = "device_error"
+    UNPARSEABLE = "unparseable"
+
+
+class PollFailure(Exception):
+    """A poll that produced no reading; ``outcome`` says why."""
+
+    def __init__(self, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"PollFailure({self.outcome.value}, {self.message!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One HTTP request, complete; transports send it as it is."""
+
+    method: str
+    url: str
+    """Absolute URL: scheme, host, optional port, path and query."""
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+
+
+class HttpResponse(NamedTuple):
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    """Header names lower-cased, in the order received."""
+    body: bytes
+
+
+class Sample(NamedTuple):
+    """What a driver extracts from a device's answer; fields as in Reading."""
+
+    device_at: float | None
+    demand_w: float | None
+    delivered_wh: float | None
+    received_wh: float | None
+    price: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """What a driver needs to know about one registered device."""
+
+    device_id: int
+    cloud_id: str
+    email: str
+    secret: str
+    """Unsealed password or install code. Never logged, never returned."""
+    url: str | None
+    """Endpoint base URL; None means the driver's (or global) default."""
+    options: dict[str, Any]
+    """Driver-specific options (e.g. http-json field pointers)."""
+
+    def __repr__(self) -> str:  # keep the secret out of every repr
+        return f"DeviceSpec(id={self.device_id}, cloud_id={self.cloud_id!r}, url={self.url!r})"
+
+
+class DeviceSession(Protocol):
+    """One device's protocol state across polls (e.g. a discovered meter)."""
+
+    def begin(self, with_totals: bool) -> HttpRequest:
+        """First request of a poll. ``with_totals``: also read meter totals."""
+        ...
+
+    def feed(self, response: HttpResponse) -> HttpRequest | Sample:
+        """Next request of this poll, or its result. Raises PollFailure."""
+        ...
+
+
+class Driver(Protocol):
+    name: str
+
+    def session(self, device: DeviceSpec) -> DeviceSession:
+        """Validate ``device`` (raise ValueError with a clear message) and
+        return its session."""
+        ...

@@ -1,0 +1,279 @@
+"""The device registry: who is polled, how, and with which sealed credentials.
+
+Every change commits in one transaction together with a ``NOTIFY`` on
+:data:`CHANNEL`, so a running ``serve`` picks it up at once; nothing is ever
+half-written. Records returned from here never carry a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import orjson
+
+from poller.drivers.base import DeviceSpec
+from poller.errors import ConflictError, NotFoundError, SecretKeyError, UsageError
+from poller.sealing import SecretBox
+
+log = logging.getLogger("poller.registry")
+CHANNEL = "poller_devices"
+DRIVER_NAMES = ("eagle-cloud", "eagle-local", "http-json")
+EAGLE_DRIVERS = ("eagle-cloud", "eagle-local")
+_EAGLE_ID_RE = re.compile(r"^[0-9a-fA-F]{6}$")
+_GENERIC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_EMAIL_RE = re.compile(r"^[^@\s<>\"',;]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+MIN_INTERVAL_S = 0.1
+MAX_INTERVAL_S = 86400.0
+
+_COLUMNS = ("id, cloud_id, email, driver, url, options, interval_s, enabled, "
+            "created_at, updated_at")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A registered device as operators see it: no credentials, ever."""
+
+    id: int
+    cloud_id: str
+    email: str
+    driver: str
+    url: str | None
+    options: dict[str, Any]
+    interval_s: float
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "cloud_id": self.cloud_id, "email": self.email,
+            "driver": self.driver, "url": self.url, "options": self.options,
+            "interval_s": self.interval_s, "enabled": self.enabled,
+            "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
+        }
+
+
+def _record(row: asyncpg.Record) -> DeviceRecord:
+    options = row["options"]
+    if isinstance(options, str):
+        options = orjson.loads(options)
+    return DeviceRecord(row["id"], row["cloud_id"], row["email"], row["driver"], row["url"],
+                        options, float(row["interval_s"]), row["enabled"],
+                        row["created_at"], row["updated_at"])
+
+
+# -- validation -------------------------------------------------------------
+
+def check_driver(driver: str) -> str:
+    if driver not in DRIVER_NAMES:
+        raise UsageError(f"unknown driver {driver!r} (expected one of {', '.join(DRIVER_NAMES)})")
+    return driver
+
+
+def check_cloud_id(cloud_id: str, driver: str) -> str:
+    if driver in EAGLE_DRIVERS:
+        if not _EAGLE_ID_RE.match(cloud_id):
+            raise UsageError(f"malformed cloud id {cloud_id!r}: a Rainforest cloud id is "
+                             "6 hexadecimal digits, such as 00ce69")
+        return cloud_id.lower()
+    if not _GENERIC_ID_RE.match(cloud_id):
+        raise UsageError(f"malformed device id {cloud_id!r}: expected 1-64 of "
+                         "A-Z a-z 0-9 _ . : - starting with a letter or digit")
+    return _normalise_id(cloud_id)
+
+
+def check_email(email: str, driver: str) -> str:
+    if not email and driver not in EAGLE_DRIVERS:
+        return ""
+    if len(email) > 254 or not _EMAIL_RE.match(email):
+        raise UsageError(f"malformed email {email!r}: expected an address such as "
+                         "name@example.com")
+    return email
+
+
+def check_url(url: str | None, driver: str) -> str | None:
+    if url is None or url == "":
+        if driver != "eagle-cloud":
+            raise UsageError(f"driver {driver} needs --url (the device's address)")
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"malformed URL {url!r}: the port is not a number 1-65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"malformed URL {url!r}: expected http(s)://host[:port][/path]")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError("URLs may not carry credentials (they would show in listings); "
+                         "give the password at the prompt or with --password-stdin")
+    if port == 0 or any(c.isspace() for c in url):
+        raise UsageError(f"malformed URL {url!r}")
+    return url
+
+
+def check_interval(interval_s: float) -> float:
+    if not (MIN_INTERVAL_S <= interval_s <= MAX_INTERVAL_S):
+        raise UsageError(f"interval must be between {MIN_INTERVAL_S:g} and "
+                         f"{MAX_INTERVAL_S:g} seconds, got {interval_s:g}")
+    return interval_s
+
+
+def check_secret(secret: str) -> str:
+    if not secret:
+        raise UsageError("the device password or install code is empty")
+    if len(secret) > 256 or any(c in secret for c in "\r\n\x00"):
+        raise UsageError("the device password must be one line of at most 256 characters")
+    return secret
+
+
+# -- operations -------------------------------------------------------------
+
+class Registry:
+    """Device registry operations over one connection.
+
+    >>> reg = Registry(conn, SecretBox(key))                  # doctest: +SKIP
+    >>> await reg.add("00ce69", email="a@b.example", driver="eagle-cloud",
+    ...               url=None, interval_s=6, options={}, secret="...")  # doctest: +SKIP
+    """
+
+    def __init__(self, conn: asyncpg.Connection, box: SecretBox) -> None:
+        self._conn = conn
+        self._box = box
+
+    async def add(self, cloud_id: str, *, email: str, driver: str, url: str | None,
+                  interval_s: float, options: dict[str, Any], secret: str,
+                  enabled: bool = True) -> DeviceRecord:
+        driver = check_driver(driver)
+        cloud_id = check_cloud_id(cloud_id, driver)
+        email = check_email(email, driver)
+        url = check_url(url, driver)
+        interval_s = check_interval(interval_s)
+        sealed = self._box.seal(check_secret(secret), context=cloud_id)
+        async with self._conn.transaction():
+            try:
+                row = await self._conn.fetchrow(
+                    f"""INSERT INTO devices (cloud_id, email, driver, url, options,
+                                             sealed_secret, interval_s, enabled)
+                        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)
+                        RETURNING {_COLUMNS}""",
+                    cloud_id, email, driver, url, orjson.dumps(options).decode(), sealed,
+                    interval_s, enabled)
+            except asyncpg.UniqueViolationError:
+                raise ConflictError(f"device {cloud_id} is already registered "
+                                    "(use update-user to change it)") from None
+            await self._notify(cloud_id)
+        return _record(row)
+
+    async def update(self, cloud_id: str, *, email: str | None = None,
+                     driver: str | None = None, url: str | None = None, clear_url: bool = False,
+                     interval_s: float | None = None, enabled: bool | None = None,
+                     options: dict[str, Any] | None = None,
+                     secret: str | None = None) -> DeviceRecord:
+        async with self._conn.transaction():
+            row = await self._conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM devices WHERE cloud_id = $1 AND removed_at IS NULL "
+                "FOR UPDATE", _normalise_id(cloud_id))
+            if row is None:
+                raise NotFoundError(f"no device {cloud_id!r} is registered")
+            current = _record(row)
+            new_driver = check_driver(driver) if driver is not None else current.driver
+            check_cloud_id(current.cloud_id, new_driver)
+            new_email = check_email(email if email is not None else current.email, new_driver)
+            new_url = check_url(None if clear_url else (url if url is not None else current.url),
+                                new_driver)
+            new_interval = check_interval(interval_s) if interval_s is not None \
+                else current.interval_s
+            sets = ["email = $2", "driver = $3", "url = $4", "interval_s = $5", "enabled = $6",
+                    "options = $7::jsonb", "updated_at = now()"]
+            args: list[Any] = [current.cloud_id, new_email, new_driver, new_url, new_interval,
+                               current.enabled if enabled is None else enabled,
+                               orjson.dumps(current.options if options is None else options)
+                               .decode()]
+            if secret is not None:
+                sets.append("sealed_secret = $8")
+                args.append(self._box.seal(check_secret(secret), context=current.cloud_id))
+            row = await self._conn.fetchrow(
+                f"UPDATE devices SET {', '.join(sets)} WHERE cloud_id = $1 "
+                f"AND removed_at IS NULL RETURNING {_COLUMNS}", *args)
+            await self._notify(current.cloud_id)
+        return _record(row)
+
+    async def remove(self, cloud_id: str) -> DeviceRecord:
+        """Stop polling a device and wipe its credentials; its readings stay."""
+        async with self._conn.transaction():
+            row = await self._conn.fetchrow(
+                f"""UPDATE devices SET removed_at = now(), updated_at = now(),
+                           enabled = false, sealed_secret = NULL
+                    WHERE cloud_id = $1 AND removed_at IS NULL RETURNING {_COLUMNS}""",
+                _normalise_id(cloud_id))
+            if row is None:
+                raise NotFoundError(f"no device {cloud_id!r} is registered")
+            await self._notify(row["cloud_id"])
+        return _record(row)
+
+    async def get(self, cloud_id: str) -> DeviceRecord:
+        row = await self._conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM devices WHERE cloud_id = $1 AND removed_at IS NULL",
+            _normalise_id(cloud_id))
+        if row is None:
+            raise NotFoundError(f"no device {cloud_id!r} is registered")
+        return _record(row)
+
+    async def listing(self, *, limit: int | None = None, after_id: int = 0) -> list[DeviceRecord]:
+        rows = await self._conn.fetch(
+            f"SELECT {_COLUMNS} FROM devices WHERE removed_at IS NULL AND id > $1 "
+            "ORDER BY id LIMIT $2", after_id, limit)
+        return [_record(r) for r in rows]
+
+    async def specs(self, *, ids: list[int] | None = None,
+                    cloud_ids: list[str] | None = None,
+                    ) -> dict[int, tuple[DeviceRecord, DeviceSpec]]:
+        """Enabled devices with their credentials opened, for the poller only.
+
+        ``ids`` / ``cloud_ids`` narrow the query; by default: every device."""
+        where, args = "", list[object]()
+        if ids is not None:
+            where, args = " AND id = ANY($1::bigint[])", [ids]
+        elif cloud_ids is not None:
+            where, args = " AND cloud_id = ANY($1::text[])", [cloud_ids]
+        rows = await self._conn.fetch(
+            f"SELECT {_COLUMNS}, sealed_secret FROM devices "
+            f"WHERE removed_at IS NULL AND enabled{where} ORDER BY id", *args)
+        out = {}
+        for row in rows:
+            rec = _record(row)
+            try:
+                secret = self._box.open(row["sealed_secret"], context=rec.cloud_id)
+            except SecretKeyError as exc:
+                # One unreadable secret must not stop the rest of the fleet.
+                log.error("device %s skipped: %s", rec.cloud_id, exc)
+                continue
+            out[rec.id] = (rec, DeviceSpec(rec.id, rec.cloud_id, rec.email, secret, rec.url,
+                                           rec.options))
+        return out
+
+    async def versions(self, cloud_ids: list[str] | None = None) -> dict[int, datetime | None]:
+        """Device id -> ``updated_at`` of every enabled device (None: not wanted,
+        for rows named in ``cloud_ids`` that are removed or disabled)."""
+        if cloud_ids is None:
+            rows = await self._conn.fetch(
+                "SELECT id, updated_at FROM devices WHERE removed_at IS NULL AND enabled")
+            return {r["id"]: r["updated_at"] for r in rows}
+        rows = await self._conn.fetch(
+            "SELECT id, updated_at, removed_at IS NULL AND enabled AS wanted FROM devices "
+            "WHERE cloud_id = ANY($1::text[])", cloud_ids)
+        return {r["id"]: (r["updated_at"] if r["wanted"] else None) for r in rows}
+
+    async def _notify(self, cloud_id: str) -> None:
+        await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, cloud_id)
+
+
+def _normalise_id(cloud_id: str) -> str:
+    return cloud_id.lower() if _EAGLE_ID_RE.match(cloud_id) else cloud_id
