@@ -1,0 +1,288 @@
+"""One keep-alive HTTP/1.1 client connection: an asyncio.Protocol that sends a
+prepared request and parses the answer with httptools.
+
+The connection holds the state of at most one exchange in its own slots, so
+a request on an idle connection allocates nothing here but its timer and the
+response. Its owner (the client's pool) decides what happens to it after the
+exchange; the connection only reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
+
+from poller.drivers.base import HttpResponse
+from poller.transport.errors import (
+    TransportConnectError,
+    TransportError,
+    TransportProtocolError,
+    TransportTimeout,
+)
+from poller.transport.prepared import PreparedRequest
+
+OnDone = Callable[[HttpResponse | BaseException], None]
+
+_FRAMING_HEADERS = ("content-length", "transfer-encoding")
+
+
+class ConnectionOwner(Protocol):
+    """What a connection calls back into: the client that pools it."""
+
+    def deliver(self, on_done: OnDone, result: HttpResponse | BaseException) -> None: ...
+
+    def release(self, conn: HttpConnection, reusable: bool) -> None: ...
+
+    def discard(self, conn: HttpConnection) -> None: ...
+
+    def retry(self, conn: HttpConnection, prepared: PreparedRequest,
+              deadline: float, on_done: OnDone) -> None: ...
+
+
+class HttpConnection(asyncio.Protocol):
+    """A pooled connection to ``pool_key``; see the module docstring."""
+
+    __slots__ = (
+        "_body",
+        "_body_len",
+        "_complete",
+        "_deadline",
+        "_extra",
+        "_got_bytes",
+        "_head_len",
+        "_headers",
+        "_headers_done",
+        "_keep_alive",
+        "_loop",
+        "_max_body",
+        "_max_head",
+        "_on_done",
+        "_owner",
+        "_parser",
+        "_prepared",
+        "_status",
+        "_timeout_cb",
+        "_timer",
+        "dead",
+        "pool_key",
+        "transport",
+        "used",
+    )
+
+    def __init__(
+        self,
+        owner: ConnectionOwner,
+        loop: asyncio.AbstractEventLoop,
+        pool_key: str,
+        max_body_bytes: int,
+        max_head_bytes: int,
+    ) -> None:
+        self._owner = owner
+        self._loop = loop
+        self.pool_key = pool_key
+        self._max_body = max_body_bytes
+        self._max_head = max_head_bytes
+        self._parser = HttpResponseParser(self)
+        # Bound once: call_at on every request would otherwise allocate a new
+        # bound method each time.
+        self._timeout_cb = self._on_timeout
+        self.transport: asyncio.Transport | None = None
+        self.dead = False
+        self.used = 0
+        """Responses completed on this connection."""
+        self._on_done: OnDone | None = None
+        self._prepared: PreparedRequest | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._status = 0
+        self._headers.clear()
+        self._body.clear()
+        self._body_len = 0
+        self._head_len = 0
+        self._headers_done = False
+        self._complete = False
+        self._extra = False
+        self._got_bytes = False
+        self._keep_alive = False
+
+    # -- driven by the owner -------------------------------------------------
+
+    def send(self, prepared: PreparedRequest, deadline: float, on_done: OnDone) -> None:
+        """Start one exchange; ``on_done`` gets the response or the error."""
+        self._reset_exchange()
+        self._prepared = prepared
+        self._on_done = on_done
+        self._deadline = deadline
+        self._timer = self._loop.call_at(deadline, self._timeout_cb)
+        transport = self.transport
+        assert transport is not None  # only open connections are handed out
+        transport.write(prepared.raw)
+
+    def abort(self) -> None:
+        """Drop the socket now; any exchange is failed by the owner first."""
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+
+    def fail(self, exc: TransportError) -> None:
+        """End the current exchange with ``exc`` and give up the connection."""
+        on_done = self._on_done
+        if on_done is None:
+            return
+        self._end_exchange()
+        self._owner.discard(self)
+        self._owner.deliver(on_done, exc)
+
+    @property
+    def busy(self) -> bool:
+        return self._on_done is not None
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        if self.dead:  # the connect was abandoned while it completed
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._on_done is None:
+            # Bytes nobody asked for: the stream is out of step, never reuse it.
+            self._owner.discard(self)
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, TransportError):
+                self.fail(cause)
+            else:
+                self.fail(TransportProtocolError(f"malformed response: {exc}"))
+            return
+        except HttpParserError as exc:
+            if self._complete:
+                # Garbage after a complete answer: keep the answer, drop the connection.
+                self._extra = True
+                self._finish()
+            else:
+                self.fail(TransportProtocolError(f"malformed response: {exc}"))
+            return
+        except HttpParserUpgrade:
+            self.fail(TransportProtocolError("unexpected protocol upgrade"))
+            return
+        if self._complete:
+            self._finish()
+        elif not self._headers_done:
+            self._head_len += len(data)
+            if self._head_len > self._max_head:
+                self.fail(TransportProtocolError(
+                    f"response head exceeds {self._max_head} bytes"))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost finishes the exchange
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        on_done = self._on_done
+        if on_done is None:
+            self._owner.discard(self)
+            return
+        if self._headers_done and exc is None and not self._framed():
+            # HTTP/1.0 or Connection: close without a length: the body ends here.
+            self._keep_alive = False
+            self._finish()
+            return
+        prepared = self._prepared
+        assert prepared is not None
+        self._end_exchange()
+        if not self._got_bytes and self.used > 0:
+            # A reused connection the server closed while idle, before we could
+            # notice: nothing of the answer arrived, so the server did not act
+            # on this request; our requests are idempotent reads, so one retry
+            # on a fresh connection is safe.
+            self._owner.retry(self, prepared, self._deadline, on_done)
+            return
+        self._owner.discard(self)
+        where = prepared.key
+        if not self._got_bytes:
+            err: TransportError = TransportConnectError(
+                f"{where} closed the connection before responding")
+        else:
+            err = TransportProtocolError(f"{where} closed the connection mid-response")
+        self._owner.deliver(on_done, err)
+
+    # -- httptools callbacks -------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._extra = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        size = self._body_len + len(body)
+        if size > self._max_body:
+            raise TransportProtocolError(f"response body exceeds {self._max_body} bytes")
+        self._body_len = size
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._status < 200:
+            # 1xx interim answer: the real one follows on the same stream.
+            self._headers.clear()
+            self._headers_done = False
+            return
+        if not self._complete:
+            self._complete = True
+            self._keep_alive = self._parser.should_keep_alive()
+
+    # -- internals -----------------------------------------------------------
+
+    def _framed(self) -> bool:
+        return any(name in _FRAMING_HEADERS for name, _ in self._headers)
+
+    def _end_exchange(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        self._on_done = None
+        self._prepared = None
+
+    def _finish(self) -> None:
+        on_done = self._on_done
+        assert on_done is not None
+        chunks = self._body
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        response = HttpResponse(self._status, tuple(self._headers), body)
+        reusable = self._keep_alive and not self._extra
+        self._end_exchange()
+        self.used += 1
+        # Hand the connection back before the callback runs, so a callback
+        # that starts the next request can reuse it at once.
+        self._owner.release(self, reusable)
+        self._owner.deliver(on_done, response)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        prepared = self._prepared
+        if prepared is not None:
+            self.fail(TransportTimeout(f"no complete response from {prepared.key} in time"))
