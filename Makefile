@@ -24,8 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/poller stack up
-	exec $(BIN)/poller serve
+	exec scripts/run.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -88,7 +88,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("list-users", "list registered devices (never a secret)", c.list_users)
     p.add_argument("--json", action="store_true", help="one JSON document")
+
+    p = cmd("simulate", "run a simulated fleet of EAGLE gateways (both protocols) with "
+            "fault injection", c.simulate)
+    p.add_argument("--devices", type=_count, default=1000, help="fleet size (default 1000)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=_port, default=0, help="port; 0 picks a free one")
+    p.add_argument("--seed", type=int, default=0, help="values, faults and passwords derive "
+                   "from it")
+    p.add_argument("--interval", type=_seconds, default=None, metavar="SECONDS",
+                   help="expected poll interval, for the jitter report")
+    p.add_argument("--fault", action="append", default=[], metavar="KIND=RATE",
+                   help="per-request fault probability, e.g. --fault http_5xx=0.01; kinds: "
+                   "auth http_5xx hang slow malformed reset offline")
+    p.add_argument("--http10-fraction", type=float, default=0.0,
+                   help="share of devices answering HTTP/1.0 + Connection: close")
+    p.add_argument("--record-served", action="store_true",
+                   help="record every reading served (GET /_sim/served)")
+    p.add_argument("--register", action="store_true",
+                   help="register (or refresh) the fleet in poller's registry, pointing at "
+                   "this simulator")
+    p.add_argument("--port-file", type=Path, default=None,
+                   help="write the bound port here once listening")
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {value}")
+    return value
 
 
 def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:

@@ -188,6 +188,74 @@ class _NoBox(sealing.SecretBox):
         raise AssertionError("this command does not open secrets")
 
 
+# -- the simulator --------------------------------------------------------------
+
+def simulate(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from poller.simulator.faults import FaultRates
+    from poller.simulator.fleet import credentials_for
+    from poller.simulator.main import Simulator, SimulatorConfig
+
+    rates: dict[str, float] = {}
+    for item in args.fault:
+        kind, sep, value = item.partition("=")
+        try:
+            rates[kind] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UsageError(f"--fault expects KIND=RATE such as http_5xx=0.01, got {item!r}")
+    try:
+        cfg = SimulatorConfig(host=args.host, port=args.port, devices=args.devices,
+                              seed=args.seed, interval_s=args.interval,
+                              http10_fraction=args.http10_fraction,
+                              fault_rates=FaultRates().replaced(rates),
+                              record_served=args.record_served)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    db_url = endpoints.resolve(settings, progress=progress).database_url if args.register \
+        else None
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        sim = Simulator(cfg)
+        port = await sim.start()
+        base = f"http://{args.host}:{port}"
+        try:
+            if db_url is not None:
+                from poller import db, migrate
+                from poller.registry import Registry
+
+                conn = await db.connect(db_url)
+                try:
+                    await migrate.migrate(conn)
+                    reg = Registry(conn, sealing.SecretBox(sealing.load_key(settings.state_dir)))
+                    interval = args.interval or settings.polling.interval_s
+                    entries = []
+                    for cid in sim.cloud_ids():
+                        email, password = credentials_for(cid, cfg.seed)
+                        entries.append((cid, email, "eagle-cloud", base, interval, password))
+                    n = await reg.upsert_many(entries)
+                finally:
+                    await conn.close()
+                progress(f"registered {n} simulated device(s) against {base}")
+            if args.port_file is not None:
+                args.port_file.write_text(f"{port}\n")
+            progress(f"simulator: {cfg.devices} device(s) on {base}/cgi-bin/post_manager; "
+                     f"stats at {base}/_sim/stats, jitter at {base}/_sim/jitter")
+            await stop.wait()
+        finally:
+            await sim.stop()
+        return 0
+
+    return run_async(main())
+
+
 # -- the service --------------------------------------------------------------
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:

@@ -31,7 +31,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/poller/poller.toml")
 ENV_PREFIX = "POLLER_"
 # Environment variables that are read elsewhere and are not configuration keys.
 NON_CONFIG_ENV = frozenset(
-    {"POLLER_CONFIG", "POLLER_SECRET_KEY", "POLLER_DEVICE_PASSWORD", "POLLER_SCHEMA_DIR"}
+    {"POLLER_CONFIG", "POLLER_SECRET_KEY", "POLLER_DEVICE_PASSWORD", "POLLER_SCHEMA_DIR",
+     "POLLER_API_TOKEN", "POLLER_DEMO_DEVICES"}
 )
 REDACTED = "***"
 

@@ -23,6 +23,8 @@ from poller.sealing import SecretBox
 
 log = logging.getLogger("poller.registry")
 CHANNEL = "poller_devices"
+RESYNC_ALL = "*"
+"""Notification payload asking a running serve for a full resync."""
 DRIVER_NAMES = ("eagle-cloud", "eagle-local", "http-json")
 EAGLE_DRIVERS = ("eagle-cloud", "eagle-local")
 _EAGLE_ID_RE = re.compile(r"^[0-9a-fA-F]{6}$")
@@ -270,6 +272,30 @@ class Registry:
             "SELECT id, updated_at, removed_at IS NULL AND enabled AS wanted FROM devices "
             "WHERE cloud_id = ANY($1::text[])", cloud_ids)
         return {r["id"]: (r["updated_at"] if r["wanted"] else None) for r in rows}
+
+    async def upsert_many(self, entries: list[tuple[str, str, str, str | None, float, str]],
+                          ) -> int:
+        """Register or refresh many devices in one transaction (fleet tooling:
+        the simulator, the bench). Each entry: (cloud_id, email, driver, url,
+        interval_s, secret). One notification tells a running serve to resync."""
+        rows = []
+        for cloud_id, email, driver, url, interval_s, secret in entries:
+            driver = check_driver(driver)
+            cloud_id = check_cloud_id(cloud_id, driver)
+            rows.append((cloud_id, check_email(email, driver), driver, check_url(url, driver),
+                         self._box.seal(check_secret(secret), context=cloud_id),
+                         check_interval(interval_s)))
+        async with self._conn.transaction():
+            await self._conn.executemany(
+                """INSERT INTO devices (cloud_id, email, driver, url, sealed_secret, interval_s)
+                   VALUES ($1, $2, $3, $4, $5, $6)
+                   ON CONFLICT (cloud_id) WHERE removed_at IS NULL DO UPDATE
+                   SET email = EXCLUDED.email, driver = EXCLUDED.driver, url = EXCLUDED.url,
+                       sealed_secret = EXCLUDED.sealed_secret,
+                       interval_s = EXCLUDED.interval_s, enabled = true, updated_at = now()""",
+                rows)
+            await self._notify(RESYNC_ALL)
+        return len(rows)
 
     async def _notify(self, cloud_id: str) -> None:
         await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, cloud_id)

@@ -1,0 +1,123 @@
+"""Prometheus metrics, read from the service view when scraped.
+
+The hot path counts into plain integers and :class:`LogHistogram`; this
+collector turns them into metric families only when ``/metrics`` is asked
+for, so polling pays nothing per observation. The registry is private to the
+API: nothing else in the process registers into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from poller.api.view import ServiceView
+from poller.polling.stats import LogHistogram
+
+LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COMMIT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _histogram(name: str, doc: str, hist: LogHistogram,
+               bounds: tuple[float, ...]) -> HistogramMetricFamily:
+    cumulative = hist.cumulative(bounds)
+    buckets: list[tuple[str, float]] = [(repr(b), float(n))
+                                        for b, n in zip(bounds, cumulative, strict=True)]
+    buckets.append(("+Inf", float(hist.count)))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.sum)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class ServiceCollector:
+    """A custom collector: every sample comes from the view at scrape time."""
+
+    def __init__(self, view: ServiceView) -> None:
+        self._view = view
+
+    def describe(self) -> list[Metric]:
+        # Empty: no scrape at registration time (the view may not be started).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view
+        snap = view.fleet()
+        polls = CounterMetricFamily("poller_polls", "Completed polls by driver and outcome.",
+                                    labels=["driver", "outcome"])
+        for (driver, outcome), n in sorted(snap.polls_by_driver_outcome.items()):
+            polls.add_metric([driver, outcome], n)
+        yield polls
+        yield _histogram("poller_poll_lateness_seconds",
+                         "Actual minus scheduled send time of each poll.",
+                         view.lateness(), LATENCY_BUCKETS_S)
+        yield _gauge("poller_expected_polls_per_second",
+                     "Sum over enabled devices of 1 / interval.", snap.expected_polls_per_s)
+        yield CounterMetricFamily("poller_skipped_ticks",
+                                  "Ticks skipped because the previous poll overran.",
+                                  value=snap.skipped_ticks)
+        yield CounterMetricFamily("poller_backpressure_skips",
+                                  "Ticks skipped because the ingest buffer was full.",
+                                  value=snap.backpressure_skips)
+        yield _gauge("poller_polls_in_flight", "Polls sent and not yet answered.",
+                     snap.in_flight)
+        yield _gauge("poller_devices_total", "Devices being polled.", snap.devices)
+        states = GaugeMetricFamily("poller_devices", "Devices by state.", labels=["state"])
+        for state, n in sorted(snap.devices_by_state.items()):
+            states.add_metric([state], n)
+        yield states
+        yield _gauge("poller_buffer_rows", "Readings waiting in memory for COPY.",
+                     snap.buffer_rows)
+        yield _histogram("poller_copy_batch_seconds", "Seconds per COPY batch into Postgres.",
+                         view.copy_latency(), LATENCY_BUCKETS_S)
+        yield _histogram("poller_commit_latency_seconds",
+                         "Seconds from poll to reading committed in Postgres.",
+                         view.commit_latency(), COMMIT_BUCKETS_S)
+        yield CounterMetricFamily("poller_rows_committed", "Readings committed to Postgres.",
+                                  value=snap.rows_committed)
+        yield CounterMetricFamily("poller_copy_batches", "COPY batches committed.",
+                                  value=snap.copy_batches)
+        yield _gauge("poller_ingest_lag_seconds",
+                     "Age of the oldest reading not yet committed (0: none).", snap.ingest_lag_s)
+        yield _gauge("poller_spool_bytes", "Bytes in the local spool.", snap.spool_bytes)
+        yield _gauge("poller_segments_pending_upload", "Closed segments not yet on S3.",
+                     snap.segments_pending_upload)
+        yield CounterMetricFamily("poller_upload_failures", "Failed segment uploads.",
+                                  value=snap.upload_failures)
+        yield _gauge("poller_upload_lag_seconds",
+                     "Age of the oldest closed segment not yet on S3 (0: none).",
+                     snap.upload_lag_s)
+        yield _gauge("poller_disk_used_ratio", "Fraction of the spool's disk in use.",
+                     snap.disk_used_fraction)
+        up = GaugeMetricFamily("poller_component_up",
+                               "1 if the dependency answered its last use.",
+                               labels=["component"])
+        for name, is_up in (("postgres", snap.postgres_up), ("redis", snap.redis_up),
+                            ("s3", snap.s3_up)):
+            up.add_metric([name], 1.0 if is_up else 0.0)
+        yield up
+        yield _gauge("poller_polling", "1 while polling runs.", 1.0 if snap.polling else 0.0)
+        yield _gauge("poller_loop_responsive", "1 if the event loop answered its heartbeat.",
+                     1.0 if view.loop_responsive() else 0.0)
+        yield _gauge("poller_start_time_seconds", "Unix time the service started.",
+                     snap.started_at)
+
+
+def make_registry(view: ServiceView) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(view))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The exposition text of ``registry``."""
+    return bytes(generate_latest(registry))

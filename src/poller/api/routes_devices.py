@@ -1,0 +1,193 @@
+"""Device registry endpoints: create/update, remove, list, get, readings."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from poller.api.auth import Access, requires
+from poller.api.errors import bad_request, json_response
+from poller.api.keys import VIEW
+from poller.api.params import (
+    check_query,
+    cloud_id,
+    json_object,
+    query_int,
+    query_time,
+    typed,
+)
+from poller.api.view import ServiceView
+from poller.errors import NotFoundError
+from poller.registry import DeviceRecord, Registry
+
+routes = web.RouteTableDef()
+
+MAX_POINTS = 10_000
+MAX_RANGE = timedelta(days=366)
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+DEVICE_STATES = ("pending", "ok", "failing", "auth_failed", "stopped", "disabled", "unpolled")
+USER_FIELDS = frozenset({"email", "driver", "url", "interval_s", "enabled", "password",
+                         "fields", "options"})
+
+_BUCKETS_SQL = """
+SELECT date_bin($4::interval, tick_at, $2::timestamptz) AS t,
+       min(demand_w) AS min, avg(demand_w) AS avg, max(demand_w) AS max, count(*) AS n
+FROM readings
+WHERE device_id = $1 AND tick_at >= $2 AND tick_at < $3
+GROUP BY 1 ORDER BY 1
+"""
+
+
+def device_json(view: ServiceView, record: DeviceRecord) -> dict[str, Any]:
+    """The record (never a secret) with its live status."""
+    doc = record.to_json()
+    status = view.device_status(record.cloud_id)
+    doc["status"] = status
+    doc["state"] = _state(record, status)
+    return doc
+
+
+def _state(record: DeviceRecord, status: dict[str, Any] | None) -> str:
+    if status is not None and isinstance(status.get("state"), str):
+        return str(status["state"])
+    return "unpolled" if record.enabled else "disabled"
+
+
+def _user_request(body: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(body) - USER_FIELDS)
+    if unknown:
+        raise bad_request(f"unknown field(s): {', '.join(unknown)} (known: "
+                          f"{', '.join(sorted(USER_FIELDS))})", "unknown_field")
+    out: dict[str, Any] = {
+        "email": typed(body, "email", (str,), "a string"),
+        "driver": typed(body, "driver", (str,), "a string"),
+        "interval_s": typed(body, "interval_s", (int, float), "a number of seconds"),
+        "enabled": typed(body, "enabled", (bool,), "true or false"),
+        "secret": typed(body, "password", (str,), "a string"),
+    }
+    url = typed(body, "url", (str,), "a string or null")
+    out["url"] = url
+    out["clear_url"] = "url" in body and not url
+    options = typed(body, "options", (dict,), "an object")
+    fields = typed(body, "fields", (dict,), "an object")
+    if fields is not None:
+        options = {**(options or {}), "fields": fields}
+    out["options"] = options
+    if out["interval_s"] is not None:
+        out["interval_s"] = float(out["interval_s"])
+    return out
+
+
+@routes.post("/api/user/{cloud_id}")
+@requires(Access.WRITE)
+async def put_user(request: web.Request) -> web.Response:
+    view = request.app[VIEW]
+    cid = cloud_id(request)
+    req = _user_request(await json_object(request))
+    async with view.db.acquire() as conn:
+        registry = Registry(conn, view.box)
+        try:
+            await registry.get(cid)
+        except NotFoundError:
+            missing = [name for name, key in (("driver", "driver"), ("password", "secret"))
+                       if req[key] is None]
+            if missing:
+                raise bad_request(f"a new device needs {' and '.join(missing)}",
+                                  "missing_field") from None
+            record = await registry.add(
+                cid, email=req["email"] or "", driver=req["driver"], url=req["url"],
+                interval_s=(req["interval_s"] if req["interval_s"] is not None
+                            else view.settings.polling.interval_s),
+                options=req["options"] or {}, secret=req["secret"],
+                enabled=True if req["enabled"] is None else req["enabled"])
+            return json_response(device_json(view, record), 201)
+        record = await registry.update(
+            cid, email=req["email"], driver=req["driver"], url=req["url"] or None,
+            clear_url=req["clear_url"], interval_s=req["interval_s"], enabled=req["enabled"],
+            options=req["options"], secret=req["secret"])
+    return json_response(device_json(view, record))
+
+
+@routes.delete("/api/user/{cloud_id}")
+@requires(Access.WRITE)
+async def delete_user(request: web.Request) -> web.Response:
+    view = request.app[VIEW]
+    cid = cloud_id(request)
+    async with view.db.acquire() as conn:
+        record = await Registry(conn, view.box).remove(cid)
+    return json_response({"removed": record.cloud_id, "id": record.id})
+
+
+@routes.get("/api/devices")
+@requires(Access.READ)
+async def list_devices(request: web.Request) -> web.Response:
+    view = request.app[VIEW]
+    check_query(request, frozenset({"limit", "after", "state"}))
+    limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+    after = query_int(request, "after", 0, 0, 2**63 - 1)
+    state = request.query.get("state")
+    if state is not None and state not in DEVICE_STATES:
+        raise bad_request(f"query parameter 'state': expected one of {', '.join(DEVICE_STATES)}")
+    found: list[dict[str, Any]] = []
+    more = False
+    async with view.db.acquire() as conn:
+        registry = Registry(conn, view.box)
+        # With a state filter, keep reading pages until this one is full.
+        while True:
+            batch = await registry.listing(limit=limit + 1 if state is None else PAGE_MAX,
+                                           after_id=after)
+            for record in batch:
+                doc = device_json(view, record)
+                if state is None or doc["state"] == state:
+                    if len(found) == limit:
+                        more = True
+                        break
+                    found.append(doc)
+                after = record.id
+            if more or state is None or len(batch) < PAGE_MAX:
+                break
+    return json_response({"devices": found,
+                          "next_after": found[-1]["id"] if more and found else None})
+
+
+@routes.get("/api/devices/{cloud_id}")
+@requires(Access.READ)
+async def get_device(request: web.Request) -> web.Response:
+    view = request.app[VIEW]
+    cid = cloud_id(request)
+    async with view.db.acquire() as conn:
+        record = await Registry(conn, view.box).get(cid)
+    return json_response(device_json(view, record))
+
+
+@routes.get("/api/devices/{cloud_id}/readings")
+@requires(Access.READ)
+async def get_readings(request: web.Request) -> web.Response:
+    view = request.app[VIEW]
+    cid = cloud_id(request)
+    check_query(request, frozenset({"from", "to", "step"}))
+    now = datetime.now(UTC).replace(microsecond=0)
+    to = query_time(request, "to", now)
+    start = query_time(request, "from", to - timedelta(days=1))
+    step = query_int(request, "step", 60, 1, int(MAX_RANGE.total_seconds()))
+    if start >= to:
+        raise bad_request("'from' must be before 'to'", "bad_range")
+    if to - start > MAX_RANGE:
+        raise bad_request("the range from 'from' to 'to' may span at most 366 days",
+                          "bad_range")
+    points = math.ceil((to - start).total_seconds() / step)
+    if points > MAX_POINTS:
+        raise bad_request(f"{points} points requested; at most {MAX_POINTS} per request "
+                          "(raise 'step' or narrow the range)", "too_many_points")
+    async with view.db.acquire() as conn:
+        record = await Registry(conn, view.box).get(cid)
+        rows = await conn.fetch(_BUCKETS_SQL, record.id, start, to, timedelta(seconds=step))
+    return json_response({
+        "cloud_id": record.cloud_id, "from": start.isoformat(), "to": to.isoformat(),
+        "step_s": step,
+        "points": [{"t": r["t"].isoformat(), "min": r["min"], "avg": r["avg"],
+                    "max": r["max"], "count": r["n"]} for r in rows],
+    })

@@ -1,0 +1,1 @@
+"""The archive: hourly segment files kept in S3, and replay from there."""

@@ -1,0 +1,346 @@
+"""Replay archived readings from S3 into Postgres.
+
+Objects whose hour partition overlaps ``[since, until)`` are streamed,
+decompressed member by member, and their readings with ``tick_at`` in range
+are COPYed into a temporary staging table, then moved with
+``INSERT ... ON CONFLICT (device_id, tick_at) DO NOTHING``: replaying twice,
+or replaying what Postgres already has, inserts nothing.
+
+Damage is reported, never fatal to the run: a bad JSON line is skipped and
+reported with its object key and line number; bad or truncated gzip data ends
+that object (the complete lines before it are kept) and is reported the same
+way. Only an unreachable archive or database stops the replay::
+
+    result = await replay(store, "poller", pool,
+                          datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 2, tzinfo=UTC))
+    print(result.rows_inserted, result.errors)
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Protocol
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import orjson
+
+from poller.archive.naming import date_prefix, parse_archive_key
+from poller.archive.s3 import ArchiveError, ArchiveUnavailable
+from poller.db import connect
+from poller.reading import READING_COLUMNS, Reading
+
+log = logging.getLogger(__name__)
+
+_STAGING = "poller_replay_staging"
+_COLUMNS = ", ".join(READING_COLUMNS)
+_CREATE_STAGING = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE readings)"
+_MOVE = (f"INSERT INTO readings ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
+         "ON CONFLICT (device_id, tick_at) DO NOTHING")
+_HOUR_S = 3600
+_DAY_S = 86400
+# Issues kept in the result; all are counted in ``errors``.
+MAX_ISSUES = 200
+_NUMBER = (int, float)
+
+Record = tuple[Any, ...]
+
+
+class ArchiveReader(Protocol):
+    """What replay needs of the archive (``ArchiveStore`` is one)."""
+
+    async def list_keys(self, prefix: str) -> list[tuple[str, int]]: ...
+
+    def stream(self, key: str, chunk_bytes: int = ...) -> AsyncGenerator[bytes, None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayIssue:
+    key: str
+    line: int | None
+    """1-based line in the decompressed object, when known."""
+    message: str
+
+    def __str__(self) -> str:
+        where = self.key if self.line is None else f"{self.key} line {self.line}"
+        return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    objects: int
+    """Archive objects read."""
+    rows_read: int
+    """Valid readings with ``tick_at`` in range."""
+    rows_inserted: int
+    rows_present: int
+    """Read but already in Postgres (or twice in the archive)."""
+    rows_out_of_range: int
+    errors: int
+    issues: tuple[ReplayIssue, ...] = field(default=())
+    """The first :data:`MAX_ISSUES` problems, in the order met."""
+
+
+async def replay(
+    store: ArchiveReader,
+    prefix: str,
+    pg_pool_or_url: asyncpg.Pool | str,
+    since: datetime,
+    until: datetime,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    batch_rows: int = 50_000,
+) -> ReplayResult:
+    """Load archived readings with ``since <= tick_at < until`` into ``readings``.
+
+    Naive datetimes are taken as UTC. ``progress(done, total)`` is called
+    after each object. Raises :class:`ArchiveUnavailable` or an asyncpg error
+    when a server fails; everything loaded before stays loaded, and running
+    the replay again completes it.
+    """
+    since_s, until_s = _utc_seconds(since), _utc_seconds(until)
+    if since_s >= until_s:
+        raise ValueError("since must be before until")
+    if batch_rows < 1:
+        raise ValueError("batch_rows must be positive")
+    keys = await _select_keys(store, prefix, since_s, until_s)
+    tally = _Tally()
+    async with _connection(pg_pool_or_url) as conn:
+        await conn.execute(_CREATE_STAGING)
+        try:
+            for done, key in enumerate(keys, 1):
+                await _replay_object(store, conn, key, since_s, until_s, batch_rows, tally)
+                if progress is not None:
+                    progress(done, len(keys))
+        finally:
+            if not conn.is_closed():
+                await conn.execute(f"DROP TABLE IF EXISTS {_STAGING}")
+    if tally.errors:
+        log.warning("replay met %d problems in %d objects", tally.errors, len(keys))
+    return ReplayResult(
+        objects=len(keys), rows_read=tally.rows_read, rows_inserted=tally.inserted,
+        rows_present=tally.rows_read - tally.inserted, rows_out_of_range=tally.out_of_range,
+        errors=tally.errors, issues=tuple(tally.issues))
+
+
+class _Tally:
+    __slots__ = ("errors", "inserted", "issues", "out_of_range", "rows_read")
+
+    def __init__(self) -> None:
+        self.rows_read = 0
+        self.inserted = 0
+        self.out_of_range = 0
+        self.errors = 0
+        self.issues: list[ReplayIssue] = []
+
+    def problem(self, key: str, line: int | None, message: str) -> None:
+        self.errors += 1
+        if len(self.issues) < MAX_ISSUES:
+            issue = ReplayIssue(key, line, message)
+            self.issues.append(issue)
+            log.warning("replay: %s", issue)
+
+
+async def _select_keys(store: ArchiveReader, prefix: str, since_s: float,
+                       until_s: float) -> list[str]:
+    """Archive keys whose hour overlaps the range, oldest hour first."""
+    found: list[tuple[tuple[int, int, str], str]] = []
+    day = int(since_s // _DAY_S) * _DAY_S
+    while day < until_s:
+        for key, _size in await store.list_keys(date_prefix(prefix, day)):
+            try:
+                seg = parse_archive_key(key)
+            except ValueError:
+                continue  # not ours (a manual upload, a lifecycle marker)
+            if seg.hour_epoch < until_s and seg.hour_epoch + _HOUR_S > since_s:
+                found.append(((seg.hour_epoch, seg.seq, seg.instance), key))
+        day += _DAY_S
+    found.sort()
+    return [key for _, key in found]
+
+
+async def _replay_object(store: ArchiveReader, conn: asyncpg.Connection, key: str,
+                         since_s: float, until_s: float, batch_rows: int,
+                         tally: _Tally) -> None:
+    await conn.execute(f"TRUNCATE {_STAGING}")
+    decoder = _ObjectDecoder(key, since_s, until_s, tally)
+    batch: list[Record] = []
+    try:
+        async with aclosing(store.stream(key)) as chunks:
+            async for chunk in chunks:
+                for record in decoder.feed(chunk):
+                    batch.append(record)
+                    if len(batch) >= batch_rows:
+                        await _stage(conn, batch)
+                if decoder.broken:
+                    break
+            else:
+                batch.extend(decoder.finish())
+    except ArchiveUnavailable:
+        raise
+    except ArchiveError as exc:
+        # Gone since the listing, or refused: the other objects still count.
+        tally.problem(key, None, str(exc))
+    if batch:
+        await _stage(conn, batch)
+    if decoder.first_day is None or decoder.last_day is None:
+        return
+    days = (decoder.last_day - decoder.first_day).days + 1
+    await conn.execute("SELECT poller_ensure_partitions($1::date, $2)", decoder.first_day, days)
+    # One statement: the move is atomic on its own, no transaction needed.
+    status = await conn.execute(_MOVE)
+    tally.inserted += int(status.rsplit(" ", 1)[-1])
+
+
+async def _stage(conn: asyncpg.Connection, batch: list[Record]) -> None:
+    await conn.copy_records_to_table(_STAGING, records=batch, columns=READING_COLUMNS)
+    batch.clear()
+
+
+class _ObjectDecoder:
+    """Turns one object's compressed chunks into staged records, noting damage."""
+
+    __slots__ = ("_in_member", "_inflate", "_key", "_line", "_rest", "_since_s", "_tally",
+                 "_until_s", "broken", "first_day", "last_day")
+
+    def __init__(self, key: str, since_s: float, until_s: float, tally: _Tally) -> None:
+        self._key = key
+        self._since_s = since_s
+        self._until_s = until_s
+        self._tally = tally
+        self._inflate = zlib.decompressobj(wbits=31)
+        self._in_member = False
+        self._rest = b""
+        self._line = 0
+        self.broken = False
+        self.first_day: date | None = None
+        self.last_day: date | None = None
+
+    def feed(self, chunk: bytes) -> Iterator[Record]:
+        data, damage = self._inflate_all(chunk)
+        if data:
+            lines = (self._rest + data).split(b"\n")
+            self._rest = lines.pop()
+            yield from self._records(lines)
+        if damage is not None:
+            # The complete lines before the damage were kept; a partial one is dropped.
+            self.broken = True
+            self._rest = b""
+            self._tally.problem(self._key, self._line + 1,
+                                f"bad gzip data ({damage}); rest of the object skipped")
+
+    def finish(self) -> Iterator[Record]:
+        if self._in_member:
+            self._tally.problem(self._key, self._line + 1,
+                                "truncated gzip member at the end of the object")
+        rest, self._rest = self._rest, b""
+        if rest.strip():
+            yield from self._records([rest])
+
+    def _inflate_all(self, chunk: bytes) -> tuple[bytes, str | None]:
+        out: list[bytes] = []
+        data = chunk
+        try:
+            while data:
+                self._in_member = True
+                out.append(self._inflate.decompress(data))
+                if not self._inflate.eof:
+                    break
+                # Members are concatenated: start a new one with what is left.
+                data = self._inflate.unused_data
+                self._inflate = zlib.decompressobj(wbits=31)
+                self._in_member = False
+        except zlib.error as exc:
+            return b"".join(out), str(exc)
+        return b"".join(out), None
+
+    def _records(self, lines: list[bytes]) -> Iterator[Record]:
+        since_s, until_s, tally = self._since_s, self._until_s, self._tally
+        for raw in lines:
+            self._line += 1
+            if not raw.strip():
+                continue
+            try:
+                tick_s, record = _to_record(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                tally.problem(self._key, self._line, "not valid JSON; line skipped")
+                continue
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                tally.problem(self._key, self._line, f"not a reading ({exc}); line skipped")
+                continue
+            if not since_s <= tick_s < until_s:
+                tally.out_of_range += 1
+                continue
+            tally.rows_read += 1
+            day = record[1].date()
+            if self.first_day is None or day < self.first_day:
+                self.first_day = day
+            if self.last_day is None or day > self.last_day:
+                self.last_day = day
+            yield record
+
+
+def _to_record(doc: Any) -> tuple[float, Record]:
+    """``(tick_at seconds, readings row)`` from one archived line."""
+    if isinstance(doc, list):
+        if len(doc) != len(Reading._fields):
+            raise ValueError(f"{len(doc)} fields")
+        doc = dict(zip(Reading._fields, doc, strict=True))
+    if not isinstance(doc, dict):
+        raise TypeError("not an object")
+    device_id = doc["device_id"]
+    if not isinstance(device_id, int) or isinstance(device_id, bool):
+        raise TypeError("device_id is not an integer")
+    tick_s = _number(doc, "tick_at")
+    received_s = _number(doc, "received_at")
+    device_s = _optional_number(doc, "device_at")
+    return tick_s, (
+        device_id,
+        datetime.fromtimestamp(tick_s, UTC),
+        None if device_s is None else datetime.fromtimestamp(device_s, UTC),
+        datetime.fromtimestamp(received_s, UTC),
+        _optional_number(doc, "demand_w"),
+        _optional_number(doc, "delivered_wh"),
+        _optional_number(doc, "received_wh"),
+        _optional_number(doc, "price"),
+    )
+
+
+def _number(doc: dict[str, Any], name: str) -> float:
+    value = doc[name]
+    if not isinstance(value, _NUMBER) or isinstance(value, bool):
+        raise TypeError(f"{name} is not a number")
+    return float(value)
+
+
+def _optional_number(doc: dict[str, Any], name: str) -> float | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, _NUMBER) or isinstance(value, bool):
+        raise TypeError(f"{name} is not a number")
+    return float(value)
+
+
+def _utc_seconds(moment: datetime) -> float:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@asynccontextmanager
+async def _connection(pg: asyncpg.Pool | str) -> AsyncIterator[asyncpg.Connection]:
+    # The staging table is per session, so the whole replay uses one connection.
+    if isinstance(pg, str):
+        conn = await connect(pg)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    else:
+        async with pg.acquire() as conn:
+            yield conn

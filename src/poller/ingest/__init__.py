@@ -1,0 +1,1 @@
+"""Ingest without loss: the durable local spool and the idempotent Postgres loader."""

@@ -1,0 +1,133 @@
+"""Live per-device state in Redis, written once per flush in one pipeline.
+
+What is written for each device changed since the last flush: its latest
+reading (``keys.LATEST``), its status and counters (``keys.STATE``) and, when
+it failed, its failure counts (``keys.failures``). Counters are absolute:
+the count Redis had when this process started (its baseline) plus what this
+process counted since. With Redis down, polling and storage go on; when it
+answers again every device's state is written afresh from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from poller import keys
+from poller.polling.target import Target
+from poller.reading import Reading
+
+log = logging.getLogger("poller.livestate")
+
+
+def reading_doc(r: Reading) -> bytes:
+    return orjson.dumps({
+        "tick_at": r.tick_at, "device_at": r.device_at, "received_at": r.received_at,
+        "demand_w": r.demand_w, "delivered_wh": r.delivered_wh, "received_wh": r.received_wh,
+        "price": r.price,
+    })
+
+
+class LiveState:
+    def __init__(self, redis_url: str, targets: Callable[[], list[Target]],
+                 take_dirty: Callable[[], list[Target]]) -> None:
+        self._url = redis_url
+        self._targets = targets
+        self._take_dirty = take_dirty
+        self._client: aioredis.Redis | None = None
+        self._baseline: dict[str, dict[str, Any]] | None = None
+        self._needs_rebuild = True
+        self.up = False
+        self.writes = 0
+        self.failures = 0
+        self.last_write_at: float | None = None
+
+    @property
+    def client(self) -> aioredis.Redis | None:
+        return self._client
+
+    async def start(self) -> None:
+        self._client = aioredis.from_url(self._url, socket_timeout=2.0,
+                                         socket_connect_timeout=2.0, retry_on_timeout=False)
+        await self.flush()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def flush(self) -> None:
+        """Write the state of devices changed since the last call (or of every
+        device after an outage). Never raises for Redis trouble."""
+        dirty = self._take_dirty()
+        for t in dirty:
+            t.dirty = False
+        if self._client is None:
+            return
+        try:
+            if self._baseline is None:
+                self._baseline = await self._load_baseline()
+            targets = self._targets() if self._needs_rebuild else dirty
+            if targets:
+                await self._write(targets)
+            self._needs_rebuild = False
+            if not self.up:
+                log.info("redis live state: writing (%d device(s))", len(targets))
+            self.up = True
+            self.writes += 1
+            self.last_write_at = time.time()
+        except (RedisError, OSError) as exc:
+            self.failures += 1
+            if self.up or self.failures == 1:
+                log.warning("redis unavailable (%s); state is rebuilt when it returns",
+                            type(exc).__name__)
+            self.up = False
+            self._needs_rebuild = True
+
+    async def _load_baseline(self) -> dict[str, dict[str, Any]]:
+        assert self._client is not None
+        raw = await self._client.hgetall(keys.STATE)
+        baseline: dict[str, dict[str, Any]] = {}
+        for cloud_id, doc in raw.items():
+            try:
+                parsed = orjson.loads(doc)
+            except orjson.JSONDecodeError:
+                continue  # a corrupt entry is rewritten from memory
+            if isinstance(parsed, dict):
+                baseline[cloud_id.decode() if isinstance(cloud_id, bytes) else cloud_id] = parsed
+        return baseline
+
+    async def _write(self, targets: list[Target]) -> None:
+        assert self._client is not None and self._baseline is not None
+        baseline = self._baseline
+        latest: dict[str, bytes] = {}
+        state: dict[str, bytes] = {}
+        pipe = self._client.pipeline(transaction=False)
+        for t in targets:
+            snap = t.snapshot()
+            base = baseline.get(t.cloud_id)
+            if base:
+                snap["total_events_logged"] += int(base.get("total_events_logged") or 0)
+                if base.get("first_timestamp") is not None:
+                    snap["first_timestamp"] = base["first_timestamp"]
+                if snap["last_timestamp"] is None:
+                    snap["last_timestamp"] = base.get("last_timestamp")
+                base_failures = base.get("failures") or {}
+                if isinstance(base_failures, dict):
+                    for outcome, n in base_failures.items():
+                        snap["failures"][outcome] = snap["failures"].get(outcome, 0) + int(n)
+            state[t.cloud_id] = orjson.dumps(snap)
+            if t.latest is not None:
+                latest[t.cloud_id] = reading_doc(t.latest)
+            if snap["failures"] and (self._needs_rebuild or t.last_outcome != "ok"):
+                pipe.hset(keys.failures(t.cloud_id), mapping=snap["failures"])
+        pipe.hset(keys.STATE, mapping=state)  # type: ignore[arg-type]
+        if latest:
+            pipe.hset(keys.LATEST, mapping=latest)  # type: ignore[arg-type]
+        await pipe.execute()

@@ -1,0 +1,333 @@
+"""The path of a reading after its poll: buffer, spool, Postgres, S3.
+
+``accept()`` appends to an in-memory list (the hot path). A flusher moves
+the list to the spool by size or age; once the spool has fsynced it, the
+batch is durable and goes on to the Postgres loader. The loader keeps a
+bounded queue in memory: past it, or after an outage, it drops the in-memory
+copies and catches up from the spool, whose checkpoints make every load
+idempotent. Hour segments close after their hour (plus a grace) and at
+shutdown; the uploader sends them to S3 and deletes one only when S3 has it
+and Postgres has loaded it.
+
+Memory stays bounded: when the spool itself cannot write (a full disk), the
+buffer stops accepting at ``buffer_max_rows`` and the loops skip ticks,
+counted as back-pressure, rather than lose readings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from poller.archive.uploader import Uploader
+from poller.config import IngestSettings
+from poller.ingest.livestate import LiveState
+from poller.ingest.pgload import LoaderError, LoaderUnavailable, PgLoader
+from poller.ingest.spool import Spool, SpoolError, SpoolPosition
+from poller.polling.stats import LogHistogram
+from poller.reading import Reading
+
+log = logging.getLogger("poller.ingest")
+_ROTATE_EVERY_S = 1.0
+_RETRY_MAX_S = 30.0
+
+
+def _hour(tick_at: float) -> int:
+    return int(tick_at // 3600) * 3600
+
+
+class Ingest:
+    def __init__(self, settings: IngestSettings, spool: Spool, loader: PgLoader,
+                 uploader: Uploader | None, live: LiveState | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.loader = loader
+        self.uploader = uploader
+        self.live = live
+        self._clock = clock
+        self._buffer: list[Reading] = []
+        self._batch_rows = settings.batch_rows
+        self._max_rows = settings.buffer_max_rows
+        self._kicked = False
+        self._wake = asyncio.Event()
+        self._loader_wake = asyncio.Event()
+        self._pending: collections.deque[tuple[SpoolPosition, list[Reading]]] = \
+            collections.deque()
+        self._pending_rows = 0
+        self._behind = True  # catch up from the spool before anything else
+        self._behind_since: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self.postgres_up = False
+        self.spool_ok = True
+        self.rows_committed = 0
+        self.copy_batches = 0
+        self.copy_seconds = LogHistogram()
+        self.commit_latency = LogHistogram()
+
+    # -- the hot path -----------------------------------------------------------
+
+    def accept(self, reading: Reading) -> None:
+        buffer = self._buffer
+        buffer.append(reading)
+        if len(buffer) >= self._batch_rows and not self._kicked:
+            self._kicked = True
+            self._wake.set()
+
+    @property
+    def accepting(self) -> bool:
+        return len(self._buffer) < self._max_rows
+
+    # -- figures ----------------------------------------------------------------
+
+    @property
+    def buffer_rows(self) -> int:
+        return len(self._buffer)
+
+    def ingest_lag_s(self) -> float:
+        """Age of the oldest reading received but not yet committed."""
+        oldest: float | None = None
+        if self._pending:
+            oldest = self._pending[0][1][0].received_at if self._pending[0][1] else None
+        if self._behind_since is not None:
+            oldest = min(oldest or self._behind_since, self._behind_since)
+        if oldest is None and self._buffer:
+            oldest = self._buffer[0].received_at
+        return max(0.0, self._clock() - oldest) if oldest is not None else 0.0
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.spool.open()
+        await self.loader.start()
+        if self.live is not None:
+            await self.live.start()
+        if self.uploader is not None:
+            await self.uploader.start()
+        self._spawn(self._flusher(), "ingest-flusher")
+        self._spawn(self._loader_loop(), "ingest-loader")
+        if self.live is not None:
+            self._spawn(self._live_loop(), "ingest-live-state")
+        self._loader_wake.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    async def stop(self, deadline: float) -> None:
+        """Flush, load, close the hour files and upload them, until ``deadline``
+        (``time.monotonic()``). What is not done by then stays in the spool for
+        the next start. Order: buffer -> spool -> Postgres -> close segments ->
+        S3 -> Redis -> close."""
+        # The flusher and the loader finish the step they are in (a spool
+        # write cancelled half-way would lose its batch); the rest is cancelled.
+        self._stopping = True
+        self._stop_event.set()
+        graceful = [t for t in self._tasks if t.get_name() in ("ingest-flusher", "ingest-loader")]
+        if graceful:
+            await asyncio.wait(graceful, timeout=max(0.1, deadline - time.monotonic()))
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while self._buffer and time.monotonic() < deadline:
+            if not await self._flush_once():
+                await asyncio.sleep(0.2)
+        if self._buffer:
+            log.error("shutdown: %d reading(s) could not be written to the spool",
+                      len(self._buffer))
+        # Leave a third of what remains for the uploads.
+        load_until = deadline - (deadline - time.monotonic()) / 3
+        await self._drain_loader(load_until)
+        try:
+            closed = await self.spool.close_all()
+        except SpoolError as exc:
+            log.error("shutdown: closing segments failed: %s", exc)
+            closed = []
+        if self.uploader is not None:
+            if closed:
+                with contextlib.suppress(Exception):
+                    await self.uploader.upload_pending(
+                        time.time() + max(0.0, deadline - time.monotonic()))
+            await self.uploader.stop(timeout_s=max(0.1, deadline - time.monotonic()))
+        if self.live is not None:
+            await self.live.flush()
+            await self.live.close()
+        await self.loader.stop()
+        await self.spool.close()
+
+    # -- buffer -> spool ----------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        interval = self.settings.flush_interval_s
+        next_rotate = time.monotonic() + _ROTATE_EVERY_S
+        failures = 0
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            if self._stopping:
+                return
+            if await self._flush_once():
+                failures = 0
+            else:
+                failures += 1
+                await self._pause(min(_RETRY_MAX_S, 0.5 * 2**failures))
+            if time.monotonic() >= next_rotate:
+                next_rotate = time.monotonic() + _ROTATE_EVERY_S
+                await self._rotate()
+
+    async def _flush_once(self) -> bool:
+        batch = self._buffer
+        if not batch:
+            return True
+        self._buffer = []
+        self._kicked = False
+        try:
+            positions = await self.spool.append(batch)
+        except SpoolError as exc:
+            # Members already durable go on; the rest returns to the front of
+            # the buffer so nothing is written twice or lost.
+            written = {p.hour for p in exc.written}
+            self._queue(exc.written, batch)
+            self._buffer = [r for r in batch if _hour(r.tick_at) not in written] + self._buffer
+            if self.spool_ok:
+                log.error("spool write failed, readings held in memory (%d): %s",
+                          len(self._buffer), exc)
+            self.spool_ok = False
+            return False
+        if not self.spool_ok:
+            log.info("spool writes again")
+        self.spool_ok = True
+        self._queue(positions, batch)
+        return True
+
+    def _queue(self, positions: Sequence[SpoolPosition], batch: list[Reading]) -> None:
+        if not positions:
+            return
+        if len(positions) == 1:
+            groups = {positions[0].hour: batch}
+        else:
+            groups = collections.defaultdict(list)
+            for r in batch:
+                groups[_hour(r.tick_at)].append(r)
+        for pos in positions:
+            rows = groups.get(pos.hour, [])
+            self._pending.append((pos, rows))
+            self._pending_rows += len(rows)
+        # Bounded: past this, the spool holds the rows and the loader reads
+        # them back once Postgres keeps up again.
+        while self._pending_rows > self._max_rows and self._pending:
+            _, dropped = self._pending.popleft()
+            self._pending_rows -= len(dropped)
+            if not self._behind:
+                self._behind = True
+                self._behind_since = dropped[0].received_at if dropped else self._clock()
+        self._loader_wake.set()
+
+    async def _rotate(self) -> None:
+        try:
+            closed = await self.spool.rotate(self._clock())
+        except SpoolError as exc:
+            log.error("closing an hour segment failed: %s", exc)
+            return
+        if closed and self.uploader is not None:
+            self.uploader.kick()
+
+    # -- spool -> Postgres ----------------------------------------------------------
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but not past the start of a shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+    async def _loader_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            if not self._pending and not self._behind:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._loader_wake.wait(), 1.0)
+                self._loader_wake.clear()
+                if self._stopping:
+                    return
+            try:
+                await self._load_available()
+                failures = 0
+            except LoaderUnavailable as exc:
+                failures += 1
+                if self.postgres_up or failures == 1:
+                    log.warning("postgres unavailable, readings wait in the spool: %s", exc)
+                self.postgres_up = False
+                await self._pause(min(_RETRY_MAX_S, 0.5 * 2**min(failures, 8))
+                                  * (0.5 + random.random() / 2))
+
+    async def _load_available(self) -> None:
+        if self._behind:
+            behind_since = self._behind_since
+            # Everything in memory is also on disk: catch-up covers it.
+            self._pending.clear()
+            self._pending_rows = 0
+            started = time.monotonic()
+            caught = await self.loader.catch_up()
+            self._behind = False
+            self._behind_since = None
+            if caught:
+                self.rows_committed += caught
+                log.info("loader caught up %d reading(s) in %.1f s", caught,
+                         time.monotonic() - started)
+            if behind_since is not None or not self.postgres_up:
+                log.info("postgres loading again")
+            self.postgres_up = True
+        while self._pending:
+            pos, rows = self._pending[0]
+            started = time.monotonic()
+            try:
+                inserted = await self.loader.load(pos, rows)
+            except LoaderError as exc:
+                # Data Postgres refuses (not an outage): it stays in the spool
+                # and the archive; say so loudly and go on with the rest.
+                log.error("postgres refused %d reading(s) of %s: %s", len(rows), pos.segment,
+                          exc)
+                inserted = 0
+            now = self._clock()
+            self._pending.popleft()
+            self._pending_rows -= len(rows)
+            self.postgres_up = True
+            self.rows_committed += inserted
+            self.copy_batches += 1
+            self.copy_seconds.record(time.monotonic() - started)
+            record = self.commit_latency.record
+            for r in rows:
+                record(now - r.received_at)
+
+    async def _drain_loader(self, until: float) -> None:
+        while (self._pending or self._behind) and time.monotonic() < until:
+            try:
+                await asyncio.wait_for(self._load_available(), max(0.1, until - time.monotonic()))
+            except (LoaderUnavailable, TimeoutError):
+                log.warning("shutdown: postgres did not take every reading; the spool keeps "
+                            "them for the next start")
+                return
+
+    # -- Redis -------------------------------------------------------------------------
+
+    async def _live_loop(self) -> None:
+        assert self.live is not None
+        while True:
+            await asyncio.sleep(self.settings.flush_interval_s)
+            await self.live.flush()

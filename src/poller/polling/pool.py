@@ -1,0 +1,225 @@
+"""The device pool: the running loops, synced against the wanted devices.
+
+``sync()`` compares the registry's wanted devices with the running loops and
+starts, stops or restarts the difference (a restart when a device's
+registration changed, e.g. new credentials after ``auth_failed``). The pool
+also owns what all loops share: the timing wheel, the transports, the global
+cap on polls in flight and the fleet statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from poller.config import PollingSettings
+from poller.drivers import get_driver
+from poller.drivers.base import DeviceSpec, Driver
+from poller.polling import schedule
+from poller.polling.loop import CallbackTransport, DeviceLoop
+from poller.polling.stats import OUTCOMES, FleetStats
+from poller.polling.target import DeviceState, Target
+from poller.polling.wheel import TimingWheel
+from poller.reading import Reading
+from poller.registry import DeviceRecord
+
+log = logging.getLogger("poller.polling")
+
+
+class ReadingSink(Protocol):
+    """Where finished readings go. ``accept`` is on the hot path: no I/O."""
+
+    def accept(self, reading: Reading) -> None: ...
+
+    @property
+    def accepting(self) -> bool:
+        """False while storage is full: loops skip ticks instead of polling."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    started: int
+    stopped: int
+    restarted: int
+    rejected: int
+
+
+class DevicePool:
+    def __init__(
+        self,
+        settings: PollingSettings,
+        sink: ReadingSink,
+        transports: Mapping[str, CallbackTransport],
+        *,
+        seed: str,
+        wall_clock: Callable[[], float] = time.time,
+        wheel_resolution_s: float = 0.005,
+    ) -> None:
+        self.settings = settings
+        self._sink = sink
+        self.sink_accept = sink.accept
+        self._transports = transports
+        self._seed = seed
+        self._wall_clock = wall_clock
+        self._wheel_resolution_s = wheel_resolution_s
+        self._drivers: dict[str, Driver] = {}
+        self.loops: dict[int, DeviceLoop] = {}
+        self.rejected: dict[int, Target] = {}
+        self.stats = FleetStats()
+        self.in_flight = 0
+        self.max_in_flight = settings.max_in_flight
+        self.totals_every = settings.totals_every
+        self.backoff_max_s = settings.backoff_max_s
+        self.auth_failed_interval_s = settings.auth_failed_interval_s
+        self.outcome_names = tuple(o.value for o in OUTCOMES)
+        self.dirty: list[Target] = []
+        self._waiting: collections.deque[DeviceLoop] = collections.deque()
+        self._stopping: set[asyncio.Future[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.wheel: TimingWheel
+        self.wall_offset = 0.0
+        self.loop_time: Callable[[], float] = time.monotonic
+
+    def set_sink(self, sink: ReadingSink) -> None:
+        """Replace the sink; only before ``start()``."""
+        self._sink = sink
+        self.sink_accept = sink.accept
+
+    # -- what loops call --------------------------------------------------------
+
+    def wall_now(self) -> float:
+        return self.loop_time() + self.wall_offset
+
+    def timeout_for(self, interval_s: float) -> float:
+        return min(self.settings.timeout_s, interval_s * 0.9)
+
+    def sink_accepting(self) -> bool:
+        return self._sink.accepting
+
+    def mark_dirty(self, target: Target) -> None:
+        if not target.dirty:
+            target.dirty = True
+            self.dirty.append(target)
+
+    def wait_for_slot(self, device_loop: DeviceLoop) -> None:
+        self._waiting.append(device_loop)
+
+    def slot_freed(self) -> None:
+        waiting = self._waiting
+        while waiting and self.in_flight < self.max_in_flight:
+            nxt = waiting.popleft()
+            if not nxt._stopped and not nxt.in_flight:
+                nxt.begin()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.loop_time = loop.time
+        self.wall_offset = self._wall_clock() - loop.time()
+        self.wheel = TimingWheel(loop, self._wheel_resolution_s)
+
+    def sync(self, wanted: Mapping[int, tuple[DeviceRecord, DeviceSpec]]) -> SyncResult:
+        """Make the running loops match ``wanted`` (device id -> record, spec)."""
+        counts = collections.Counter[str]()
+        for device_id in [*self.loops, *self.rejected]:
+            if device_id not in wanted:
+                counts[self.update(device_id, None)] += 1
+        for device_id, entry in wanted.items():
+            counts[self.update(device_id, entry)] += 1
+        return SyncResult(counts["started"], counts["stopped"], counts["restarted"],
+                          counts["rejected"])
+
+    def update(self, device_id: int, entry: tuple[DeviceRecord, DeviceSpec] | None) -> str:
+        """Apply one device's wanted state; say what changed (``""``: nothing)."""
+        current = self.loops.get(device_id)
+        previous = current.target if current is not None else self.rejected.get(device_id)
+        if entry is None:
+            self.rejected.pop(device_id, None)
+            if current is None:
+                return ""
+            self._stop_loop(device_id)
+            return "stopped"
+        record, spec = entry
+        if previous is not None and previous.record.updated_at == record.updated_at:
+            return ""
+        target = Target(record)
+        if previous is not None:
+            target.inherit(previous)
+        if current is not None:
+            self._stop_loop(device_id)
+        made = self._make_loop(target, spec)
+        if made is None:
+            return "rejected"
+        self.loops[device_id] = made
+        self.rejected.pop(device_id, None)
+        made.start()
+        return "restarted" if current is not None else "started"
+
+    def _make_loop(self, target: Target, spec: DeviceSpec) -> DeviceLoop | None:
+        record = target.record
+        try:
+            driver = self._driver(record.driver)
+            session = driver.session(spec)
+            transport = self._transports[record.driver]
+        except (ValueError, KeyError) as exc:
+            target.state = DeviceState.FAILING
+            target.last_outcome = "config_error"
+            target.last_error = str(exc)[:200]
+            self.rejected[record.id] = target
+            self.mark_dirty(target)
+            log.warning("device %s not polled: %s", record.cloud_id, target.last_error)
+            return None
+        phase = schedule.phase(record.cloud_id, self._seed, record.interval_s)
+        return DeviceLoop(self, target, session, transport, record.interval_s, phase)
+
+    def _driver(self, name: str) -> Driver:
+        driver = self._drivers.get(name)
+        if driver is None:
+            driver = get_driver(name, cloud_base_url=self.settings.cloud_base_url)
+            self._drivers[name] = driver
+        return driver
+
+    def _stop_loop(self, device_id: int) -> None:
+        device_loop = self.loops.pop(device_id)
+        waiter = device_loop.stop()
+        self.mark_dirty(device_loop.target)
+        self._stopping.add(waiter)
+        waiter.add_done_callback(self._stopping.discard)
+
+    async def stop(self, timeout_s: float) -> int:
+        """Stop every loop; wait up to ``timeout_s`` for polls in flight.
+
+        Returns the number of polls still in flight at the deadline (their
+        answers, if they come, are dropped with the transports)."""
+        for device_id in list(self.loops):
+            self._stop_loop(device_id)
+        self._waiting.clear()
+        pending = [f for f in self._stopping if not f.done()]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+        if self._loop is not None:
+            self.wheel.close()
+        return self.in_flight
+
+    def targets(self) -> list[Target]:
+        return [lp.target for lp in self.loops.values()] + list(self.rejected.values())
+
+    def devices_by_state(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in DeviceState}
+        for target in self.targets():
+            counts[target.state.value] += 1
+        return counts

@@ -1,0 +1,139 @@
+"""Keeps the device pool in step with the registry while serving.
+
+Changes arrive as Postgres notifications (``registry.CHANNEL``, payload: the
+cloud id), applied within a fraction of a second; a periodic full resync
+compares versions (id, updated_at) as a safety net for anything missed while
+the listening connection was down. Only changed devices are fetched and their
+credentials opened. With Postgres down, polling goes on with the devices it
+has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+import asyncpg
+
+from poller.polling.pool import DevicePool
+from poller.registry import CHANNEL, RESYNC_ALL, Registry
+from poller.sealing import SecretBox
+
+log = logging.getLogger("poller.polling")
+_DEBOUNCE_S = 0.05
+_RETRY_MAX_S = 30.0
+
+
+class RegistryWatcher:
+    def __init__(self, database_url: str, box: SecretBox, pool: DevicePool,
+                 resync_interval_s: float) -> None:
+        self._url = database_url
+        self._box = box
+        self._pool = pool
+        self._resync_interval_s = resync_interval_s
+        self._conn: asyncpg.Connection | None = None
+        self._changed: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.resyncs = 0
+        self.connected = False
+
+    async def start(self) -> None:
+        """Load every device once (fails loudly if Postgres is down), then watch."""
+        await self._connect()
+        await self._full_resync()
+        self._task = asyncio.create_task(self._run(), name="registry-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._disconnect()
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self._url, timeout=10)
+        await conn.add_listener(CHANNEL, self._on_notify)
+        conn.add_termination_listener(self._on_lost)
+        self._conn = conn
+        self.connected = True
+
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        self.connected = False
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await conn.close(timeout=2)
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._changed.add(payload)
+        self._wake.set()
+
+    def _resync_soon(self) -> bool:
+        return RESYNC_ALL in self._changed
+
+    def _on_lost(self, conn: object) -> None:
+        self.connected = False
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + self._resync_interval_s
+        failures = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_resync - loop.time()))
+            self._wake.clear()
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    await self._disconnect()
+                    await self._connect()
+                    log.info("registry watcher reconnected")
+                    next_resync = 0.0  # notifications may have been missed
+                if loop.time() >= next_resync or self._resync_soon():
+                    self._changed.clear()
+                    await self._full_resync()
+                    next_resync = loop.time() + self._resync_interval_s
+                elif self._changed:
+                    await asyncio.sleep(_DEBOUNCE_S)  # gather a burst of changes
+                    changed, self._changed = list(self._changed), set()
+                    await self._apply(changed)
+                failures = 0
+            except (OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                failures += 1
+                delay = min(_RETRY_MAX_S, 0.5 * 2**failures) * (0.5 + random.random() / 2)
+                if failures == 1:
+                    log.warning("registry watcher lost Postgres (%s); polling goes on with "
+                                "the devices it has", type(exc).__name__)
+                await self._disconnect()
+                await asyncio.sleep(delay)
+                self._wake.set()
+
+    async def _apply(self, cloud_ids: list[str]) -> None:
+        assert self._conn is not None
+        registry = Registry(self._conn, self._box)
+        versions = await registry.versions(cloud_ids)
+        wanted_ids = [i for i, v in versions.items() if v is not None]
+        specs = await registry.specs(ids=wanted_ids) if wanted_ids else {}
+        for device_id in versions:
+            self._pool.update(device_id, specs.get(device_id))
+
+    async def _full_resync(self) -> None:
+        assert self._conn is not None
+        registry = Registry(self._conn, self._box)
+        versions = await registry.versions()
+        running = {i: lp.target.record.updated_at for i, lp in self._pool.loops.items()}
+        running.update({i: t.record.updated_at for i, t in self._pool.rejected.items()})
+        changed = [i for i, v in versions.items() if running.get(i) != v]
+        for device_id in running:
+            if device_id not in versions:
+                self._pool.update(device_id, None)
+        if changed:
+            specs = await registry.specs(ids=changed)
+            for device_id in changed:
+                self._pool.update(device_id, specs.get(device_id))
+        self.resyncs += 1

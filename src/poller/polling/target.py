@@ -1,0 +1,78 @@
+"""A device as the poller knows it: identity, health and counters.
+
+Targets are what the API and the live-state writer read. Only the device's
+own loop writes to its target.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from poller.polling.stats import OUTCOMES
+from poller.reading import Reading
+from poller.registry import DeviceRecord
+
+
+class DeviceState(enum.Enum):
+    PENDING = "pending"
+    """Registered, not polled yet."""
+    OK = "ok"
+    """The last poll gave a reading."""
+    FAILING = "failing"
+    """Network or device failures; polled with exponential back-off."""
+    AUTH_FAILED = "auth_failed"
+    """Credentials rejected; polled rarely until they change."""
+    STOPPED = "stopped"
+
+
+class Target:
+    __slots__ = (
+        "consecutive_failures", "dirty", "first_reading_at", "last_error", "last_outcome", "latest",
+        "last_poll_at", "last_reading_at", "outcomes", "readings", "record", "skipped_ticks",
+        "state",
+    )
+
+    def __init__(self, record: DeviceRecord) -> None:
+        self.record = record
+        self.state = DeviceState.PENDING
+        self.last_outcome: str | None = None
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+        self.outcomes = [0] * len(OUTCOMES)
+        self.readings = 0
+        self.skipped_ticks = 0
+        self.first_reading_at: float | None = None
+        self.last_reading_at: float | None = None
+        self.last_poll_at: float | None = None
+        self.latest: Reading | None = None
+        self.dirty = False
+
+    @property
+    def cloud_id(self) -> str:
+        return self.record.cloud_id
+
+    def inherit(self, old: Target) -> None:
+        """Keep the counters of the loop this one replaces (state starts afresh)."""
+        self.outcomes = old.outcomes
+        self.readings = old.readings
+        self.skipped_ticks = old.skipped_ticks
+        self.first_reading_at = old.first_reading_at
+        self.last_reading_at = old.last_reading_at
+        self.latest = old.latest
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "cloud_id": self.record.cloud_id,
+            "state": self.state.value,
+            "last_outcome": self.last_outcome,
+            "last_error": self.last_error,
+            "consecutive_failures": self.consecutive_failures,
+            "total_events_logged": self.readings,
+            "first_timestamp": self.first_reading_at,
+            "last_timestamp": self.last_reading_at,
+            "last_poll_at": self.last_poll_at,
+            "skipped_ticks": self.skipped_ticks,
+            "failures": {o.value: n for o, n in zip(OUTCOMES, self.outcomes, strict=True)
+                         if n and o.value != "ok"},
+        }

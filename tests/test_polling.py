@@ -1,0 +1,246 @@
+"""The polling engine against the real simulator over loopback.
+
+These run in real time with short intervals (0.3-0.5 s); the tick arithmetic
+itself is tested through the clock seam in test_schedule.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+
+from poller.config import PollingSettings
+from poller.drivers.base import DeviceSpec
+from poller.polling import schedule
+from poller.polling.adapt import FetchAdapter
+from poller.polling.memsink import MemorySink
+from poller.polling.pool import DevicePool
+from poller.polling.target import DeviceState
+from poller.registry import DeviceRecord
+from poller.simulator.faults import Fault
+from poller.simulator.fleet import credentials_for
+from poller.simulator.main import Simulator, SimulatorConfig
+from poller.transport import AiohttpClient, FastHttpClient
+
+SEED = 3
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Rig:
+    def __init__(self, sim: Simulator, pool: DevicePool, sink: MemorySink, port: int) -> None:
+        self.sim, self.pool, self.sink, self.port = sim, pool, sink, port
+
+    def entry(self, index: int, cloud_id: str, interval_s: float,
+              version: datetime = T0, password: str | None = None,
+              ) -> tuple[DeviceRecord, DeviceSpec]:
+        email, secret = credentials_for(cloud_id, SEED)
+        url = f"http://127.0.0.1:{self.port}"
+        rec = DeviceRecord(index, cloud_id, email, "eagle-cloud", url, {}, interval_s, True,
+                           T0, version)
+        return rec, DeviceSpec(index, cloud_id, email, password or secret, url, {})
+
+    def fleet(self, n: int, interval_s: float) -> dict[int, tuple[DeviceRecord, DeviceSpec]]:
+        return {i + 1: self.entry(i + 1, cid, interval_s)
+                for i, cid in enumerate(self.sim.cloud_ids()[:n])}
+
+    def by_device(self) -> dict[int, list[float]]:
+        out: dict[int, list[float]] = collections.defaultdict(list)
+        for r in self.sink.readings:
+            out[r.device_id].append(r.tick_at)
+        return out
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    sim = Simulator(SimulatorConfig(devices=200, seed=SEED, record_served=True))
+    port = await sim.start()
+    settings = PollingSettings(interval_s=0.5, timeout_s=0.3, backoff_max_s=2.0,
+                               auth_failed_interval_s=30.0, totals_every=3)
+    fast = FastHttpClient(max_connections_per_host=64)
+    general = AiohttpClient()
+    adapter = FetchAdapter(general)
+    sink = MemorySink()
+    pool = DevicePool(settings, sink, {"eagle-cloud": fast, "eagle-local": fast,
+                                       "http-json": adapter}, seed="test")
+    await pool.start()
+    try:
+        yield Rig(sim, pool, sink, port)
+    finally:
+        await pool.stop(2.0)
+        await adapter.close()
+        await fast.close()
+        await general.close()
+        await sim.stop()
+
+
+async def test_polls_spread_evenly_and_on_the_phase_grid(rig: Rig) -> None:
+    interval = 0.5
+    rig.pool.sync(rig.fleet(100, interval))
+    await asyncio.sleep(interval * 6.2)
+    ticks = rig.by_device()
+    assert len(ticks) == 100
+    phases = []
+    for device_id, seen in ticks.items():
+        cloud_id = rig.pool.loops[device_id].target.cloud_id
+        ph = schedule.phase(cloud_id, "test", interval)
+        phases.append(ph)
+        # Every tick is phase + k * interval, consecutive k: no drift, no gap.
+        ks = [round((t - ph) / interval) for t in seen]
+        for t, k in zip(seen, ks, strict=True):
+            assert abs(t - schedule.tick_time(k, interval, ph)) < 1e-6
+        assert ks == list(range(ks[0], ks[0] + len(ks)))
+        assert len(ks) >= 5
+    # Spread: 100 phases over the interval leave no gap wider than a quarter of it.
+    phases.sort()
+    gaps = [b - a for a, b in itertools.pairwise(phases)]
+    gaps.append(phases[0] + interval - phases[-1])
+    assert max(gaps) < interval / 4
+    assert rig.pool.stats.lateness.quantile(0.99) < 0.25
+    # The simulator saw requests at the scheduled times (within 250 ms).
+    for device_id in list(ticks)[:10]:
+        cloud_id = rig.pool.loops[device_id].target.cloud_id
+        arrivals = rig.sim.arrivals(cloud_id)
+        for tick, arrived in zip(ticks[device_id], arrivals, strict=False):
+            assert 0 <= arrived - tick < 0.25
+
+
+async def test_readings_carry_values_the_simulator_served(rig: Rig) -> None:
+    rig.pool.sync(rig.fleet(20, 0.5))
+    await asyncio.sleep(1.6)
+    served: dict[str, list[float | None]] = collections.defaultdict(list)
+    for s in rig.sim.served():
+        if s.demand_w is not None:
+            served[s.cloud_id].append(s.demand_w)
+    assert rig.sink.readings
+    got: dict[str, list[float | None]] = collections.defaultdict(list)
+    with_totals = 0
+    for r in rig.sink.readings:
+        assert r.device_at is not None
+        got[r.cloud_id].append(r.demand_w)
+        if r.delivered_wh is not None:
+            with_totals += 1
+    # Every reading is one the device served, in order (an answer still in
+    # flight at the end may be served but not yet received).
+    for cloud_id, values in got.items():
+        assert values == pytest.approx(served[cloud_id][: len(values)])
+        assert len(served[cloud_id]) - len(values) <= 1
+    assert with_totals >= 20  # the first poll of each device reads the totals
+
+
+async def test_overrun_skips_ticks_and_never_bursts(rig: Rig) -> None:
+    interval = 0.3
+    rig.pool.sync(rig.fleet(20, interval))
+    await asyncio.sleep(0.7)
+    before = len(rig.sink.readings)
+    time.sleep(interval * 4)  # the event loop stalls: ticks are missed
+    await asyncio.sleep(0.8)
+    ticks = rig.by_device()
+    assert rig.pool.stats.skipped_ticks > 0
+    for seen in ticks.values():
+        assert len(seen) == len(set(seen))
+        assert seen == sorted(seen)
+    # After the stall each device polls at most once per remaining tick.
+    after = len(rig.sink.readings) - before
+    assert after <= 20 * (0.8 / interval + 2)
+
+
+@pytest.mark.parametrize(
+    ("fault", "outcome", "state"),
+    [
+        (Fault.AUTH, "auth_rejected", DeviceState.AUTH_FAILED),
+        (Fault.HTTP_5XX, "http_error", DeviceState.FAILING),
+        (Fault.HANG, "timeout", DeviceState.FAILING),
+        (Fault.MALFORMED, "unparseable", DeviceState.FAILING),
+        (Fault.RESET, "connect_error", DeviceState.FAILING),
+        (Fault.OFFLINE, "connect_error", DeviceState.FAILING),
+    ],
+)
+async def test_fault_gives_outcome_state_and_spares_the_rest(
+        rig: Rig, fault: Fault, outcome: str, state: DeviceState) -> None:
+    interval = 0.3
+    fleet = rig.fleet(30, interval)
+    bad = [fleet[i][0].cloud_id for i in (1, 2, 3)]
+    rig.sim.set_faults({fault: bad})
+    rig.pool.sync(fleet)
+    await asyncio.sleep(2.0)
+    targets = {t.cloud_id: t for t in rig.pool.targets()}
+    for cloud_id in bad:
+        t = targets[cloud_id]
+        assert t.state is state, (cloud_id, t.state, t.last_outcome, t.last_error)
+        assert t.last_outcome == outcome
+        assert t.readings == 0
+        if state is DeviceState.AUTH_FAILED:
+            # Polled once, then left alone for auth_failed_interval_s.
+            assert sum(t.outcomes) == 1
+        else:
+            # Backing off: fewer polls than ticks.
+            assert 1 <= sum(t.outcomes) < 2.0 / interval
+    ticks = rig.by_device()
+    healthy = [i for i, (rec, _) in fleet.items() if rec.cloud_id not in bad]
+    for device_id in healthy:
+        seen = ticks[device_id]
+        assert len(seen) >= int(2.0 / interval) - 1, device_id
+        ks = [round((t - seen[0]) / interval) for t in seen]
+        assert ks == list(range(len(ks))), "a healthy device missed a tick"
+    assert rig.pool.stats.outcome_counts()[outcome] >= 3
+
+
+async def test_recovery_on_first_success(rig: Rig) -> None:
+    fleet = rig.fleet(5, 0.3)
+    cid = fleet[1][0].cloud_id
+    rig.sim.set_faults({Fault.HTTP_5XX: [cid]})
+    rig.pool.sync(fleet)
+    await asyncio.sleep(1.0)
+    assert rig.pool.loops[1].target.state is DeviceState.FAILING
+    rig.sim.set_faults({Fault.HTTP_5XX: []})
+    await asyncio.sleep(2.5)  # back-off is capped at 2 s in this rig
+    t = rig.pool.loops[1].target
+    assert t.state is DeviceState.OK
+    assert t.consecutive_failures == 0
+    assert t.readings >= 1
+
+
+async def test_changed_credentials_restart_an_auth_failed_device(rig: Rig) -> None:
+    fleet = rig.fleet(3, 0.3)
+    rec = fleet[1][0]
+    fleet[1] = rig.entry(1, rec.cloud_id, 0.3, password="wrong-password")
+    rig.pool.sync(fleet)
+    await asyncio.sleep(0.8)
+    assert rig.pool.loops[1].target.state is DeviceState.AUTH_FAILED
+    fixed = rig.entry(1, rec.cloud_id, 0.3, version=replace(rec).updated_at.replace(year=2027))
+    result = rig.pool.sync({**fleet, 1: fixed})
+    assert result.restarted == 1
+    await asyncio.sleep(0.8)
+    t = rig.pool.loops[1].target
+    assert t.state is DeviceState.OK
+    assert t.outcomes[1:] != [0] * (len(t.outcomes) - 1)  # failure history kept
+
+
+async def test_sync_starts_and_stops_the_difference(rig: Rig) -> None:
+    fleet = rig.fleet(10, 0.3)
+    assert rig.pool.sync(fleet).started == 10
+    assert rig.pool.sync(fleet).started == 0  # idempotent
+    smaller = {k: v for k, v in fleet.items() if k > 4}
+    res = rig.pool.sync(smaller)
+    assert res.stopped == 4 and res.started == 0
+    assert sorted(rig.pool.loops) == sorted(smaller)
+    await asyncio.sleep(0.7)
+    assert {r.device_id for r in rig.sink.readings[-6:]} <= set(smaller)
+
+
+async def test_config_error_is_data_not_a_crash(rig: Rig) -> None:
+    rec, spec = rig.entry(1, "f00001", 0.3)
+    bad_rec = replace(rec, driver="eagle-local", url=None)
+    bad_spec = replace(spec, url=None)
+    res = rig.pool.sync({1: (bad_rec, bad_spec)})
+    assert res.rejected == 1
+    t = rig.pool.rejected[1]
+    assert t.last_outcome == "config_error"
+    assert t.last_error
