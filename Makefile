@@ -27,6 +27,7 @@ run: $(STAMP)
 	exec scripts/run.sh
 
 test: $(STAMP)
+	sh scripts/sysdeps.sh
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

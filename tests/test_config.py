@@ -137,8 +137,8 @@ def test_redaction_and_toml_round_trip(tmp_path: Path) -> None:
     assert doc["api"]["admin_token"] == config.REDACTED
     assert doc["s3"]["secret_access_key"] == config.REDACTED
     assert doc["api"]["read_token"] == ""  # empty stays visibly empty
-    again = config.load(config_path=write(tmp_path, config.to_toml(config.as_dict(s, redact=False))),
-                        env={})
+    text = config.to_toml(config.as_dict(s, redact=False))
+    again = config.load(config_path=write(tmp_path, text), env={})
     assert again == s
 
 
@@ -148,7 +148,8 @@ def _poller(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_cli_config_show_redacts_and_flags_win(tmp_path: Path) -> None:
-    path = write(tmp_path, "[api]\nadmin_token = 'supersecrettoken123'\n[polling]\ninterval_s = 8\n")
+    path = write(tmp_path,
+                 "[api]\nadmin_token = 'supersecrettoken123'\n[polling]\ninterval_s = 8\n")
     out = _poller("--config", str(path), "config", "show", "--set", "polling.interval_s=9",
                   env={"POLLER_POLLING_INTERVAL_S": "7"})
     assert out.returncode == 0, out.stderr

@@ -110,7 +110,43 @@ def build_parser() -> argparse.ArgumentParser:
                    "this simulator")
     p.add_argument("--port-file", type=Path, default=None,
                    help="write the bound port here once listening")
+
+    p = cmd("replay", "reload Postgres from the S3 archive (idempotent)", c.replay)
+    p.add_argument("--since", type=_moment, required=True, metavar="TIME",
+                   help="first tick time to load: ISO 8601 (UTC if no offset) or Unix seconds")
+    p.add_argument("--until", type=_moment, required=True, metavar="TIME",
+                   help="load tick times before this")
+    p.add_argument("--prefix", default=None, help="archive key prefix (default s3.prefix)")
+
+    p = cmd("check", "monitoring check of a running instance (exit 0 OK, 1 WARNING, "
+            "2 CRITICAL, 3 UNKNOWN)", c.check)
+    p.add_argument("--url", default=None, help="API base URL (default from api.host/port); "
+                   "the read token comes from POLLER_API_TOKEN or the configuration")
+    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS")
+    from poller.check import Thresholds
+
+    defaults = Thresholds()
+    for name in ("poll_ratio_warn", "poll_ratio_crit", "failure_ratio_warn",
+                 "failure_ratio_crit", "ingest_lag_warn_s", "ingest_lag_crit_s",
+                 "upload_backlog_warn", "upload_backlog_crit"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
+                       metavar="N", help=f"threshold (default {getattr(defaults, name):g})")
     return parser
+
+
+def _moment(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromtimestamp(float(text), UTC)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ISO 8601 or Unix seconds, got {text!r}") \
+            from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _count(text: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 from poller import config, endpoints, sealing
 from poller.cli import print_json, read_password, run_async
 from poller.config import Settings
-from poller.errors import UsageError
+from poller.errors import PollerError, UsageError
 
 
 def progress(line: str) -> None:
@@ -256,38 +256,128 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
     return run_async(main())
 
 
+# -- archive and monitoring ------------------------------------------------------
+
+def replay(settings: Settings, args: argparse.Namespace) -> int:
+    from poller.archive.replay import replay as run_replay
+    from poller.archive.s3 import ArchiveStore
+
+    if args.until <= args.since:
+        raise UsageError("--until must be after --since")
+    ep = endpoints.resolve(settings, progress=progress)
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total if total else width
+        sys.stderr.write(f"\rreplay [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done}/{total} objects")
+        sys.stderr.flush()
+
+    async def main() -> int:
+        store = ArchiveStore(ep.s3_endpoint_url, ep.bucket, settings.s3.region,
+                             settings.s3.access_key_id, settings.s3.secret_access_key)
+        await store.start()
+        try:
+            result = await run_replay(store, args.prefix or settings.s3.prefix, ep.database_url,
+                                      args.since, args.until, show)
+        finally:
+            await store.close()
+        sys.stderr.write("\n")
+        print(f"objects {result.objects}, rows read {result.rows_read}, inserted "
+              f"{result.rows_inserted}, already present {result.rows_present}, errors "
+              f"{result.errors}")
+        for issue in result.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1 if result.errors else 0
+
+    return run_async(main())
+
+
+def check(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from poller.check import Thresholds, default_url, run_check, token_from
+
+    thresholds = Thresholds(**{name: getattr(args, name) for name in (
+        "poll_ratio_warn", "poll_ratio_crit", "failure_ratio_warn", "failure_ratio_crit",
+        "ingest_lag_warn_s", "ingest_lag_crit_s", "upload_backlog_warn", "upload_backlog_crit")})
+    code, line = run_check(args.url or default_url(settings), token_from(os.environ, settings),
+                           thresholds, args.timeout)
+    print(line)
+    return code
+
+
 # -- the service --------------------------------------------------------------
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT. The first signal stops gracefully (bounded by
-    ingest.shutdown_grace_s inside the service); a second one exits at once."""
+    ingest.shutdown_grace_s inside the service); a second one exits at once.
+    SIGHUP re-reads the configuration file: log level now; a changed interval
+    or token takes effect at the next restart (said in the log)."""
     import asyncio
     import logging
     import os
     import signal
 
+    from poller import logs
+    from poller.cli import settings_from
+    from poller.sdnotify import Notifier, watchdog_interval_s, watchdog_loop
     from poller.service import Service
 
     log = logging.getLogger("poller.service")
+    notifier = Notifier.from_env()
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
+        service = Service(settings, progress=progress)
 
         def on_signal(signum: int) -> None:
             if stopping.is_set():
                 log.warning("second %s: exiting now", signal.Signals(signum).name)
                 os._exit(1)
             log.info("%s: stopping", signal.Signals(signum).name)
+            notifier.stopping()
             stopping.set()
+
+        def on_hup() -> None:
+            notifier.reloading()
+            try:
+                fresh = settings_from(args)
+            except PollerError as exc:
+                log.error("SIGHUP: configuration refused, keeping the running one: %s", exc)
+            else:
+                logs.setup(fresh.log.level, fresh.log.format)
+                changed = [k for k in ("polling", "api", "ingest", "database", "redis", "s3")
+                           if getattr(fresh, k) != getattr(service.settings, k)]
+                log.info("SIGHUP: configuration re-read; log level %s%s", fresh.log.level,
+                         f"; changed sections {', '.join(changed)} apply at restart"
+                         if changed else "")
+            notifier.ready(status_text())
+
+        def status_text() -> str:
+            if service.engine is None or service.ingest is None:
+                return "starting"
+            f = service.fleet()
+            return (f"{f.devices} devices, {sum(f.polls_per_s.values()):.0f} polls/s, "
+                    f"p99 lateness {f.lateness_p99_s * 1000:.0f} ms, "
+                    f"{f.rows_committed} rows committed, ingest lag {f.ingest_lag_s:.1f} s")
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        service = Service(settings, progress=progress)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        watchdog: asyncio.Task[None] | None = None
         try:
             await service.start()
+            notifier.ready(status_text())
+            interval = watchdog_interval_s()
+            if interval:
+                watchdog = asyncio.create_task(watchdog_loop(
+                    notifier, service.loop_responsive, interval, status=status_text))
             await stopping.wait()
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             await service.stop()
         return 0
 

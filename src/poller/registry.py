@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -273,7 +274,7 @@ class Registry:
             "WHERE cloud_id = ANY($1::text[])", cloud_ids)
         return {r["id"]: (r["updated_at"] if r["wanted"] else None) for r in rows}
 
-    async def upsert_many(self, entries: list[tuple[str, str, str, str | None, float, str]],
+    async def upsert_many(self, entries: Sequence[tuple[str, str, str, str | None, float, str]],
                           ) -> int:
         """Register or refresh many devices in one transaction (fleet tooling:
         the simulator, the bench). Each entry: (cloud_id, email, driver, url,

@@ -127,8 +127,9 @@ class DevicePool:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self.loop_time = loop.time
-        self.wall_offset = self._wall_clock() - loop.time()
+        # Monotonic, not loop.time(): see the wheel's docstring.
+        self.loop_time = time.monotonic
+        self.wall_offset = self._wall_clock() - time.monotonic()
         self.wheel = TimingWheel(loop, self._wheel_resolution_s)
 
     def sync(self, wanted: Mapping[int, tuple[DeviceRecord, DeviceSpec]]) -> SyncResult:

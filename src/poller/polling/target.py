@@ -28,8 +28,18 @@ class DeviceState(enum.Enum):
 
 class Target:
     __slots__ = (
-        "consecutive_failures", "dirty", "first_reading_at", "last_error", "last_outcome", "latest",
-        "last_poll_at", "last_reading_at", "outcomes", "readings", "record", "skipped_ticks",
+        "consecutive_failures",
+        "dirty",
+        "first_reading_at",
+        "last_error",
+        "last_outcome",
+        "last_poll_at",
+        "last_reading_at",
+        "latest",
+        "outcomes",
+        "readings",
+        "record",
+        "skipped_ticks",
         "state",
     )
 

@@ -4,6 +4,11 @@ Per-device ``asyncio.sleep`` or ``call_at`` costs more than the HTTP exchange
 at 100k devices (see NOTES-performance). The wheel rounds each due time *up*
 to a slot of ``resolution_s`` (ticks are never early), keeps one list per slot
 and arms a single timer for the earliest slot.
+
+Times are ``time.monotonic()`` seconds. uvloop's ``loop.time()`` is libuv's
+cached, coarse clock and can lag the real monotonic clock by milliseconds;
+arming a loop timer for a monotonic instant therefore never fires early, and
+the slots due are judged by the real clock.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+import time
 from typing import Protocol
 
 
@@ -54,7 +60,7 @@ class TimingWheel:
 
     def _run(self) -> None:
         self._timer = None
-        now_slot = math.floor(self._loop.time() / self._res)
+        now_slot = math.floor(time.monotonic() / self._res)
         heap, slots = self._heap, self._slots
         while heap and heap[0] <= now_slot:
             for item in slots.pop(heapq.heappop(heap)):

@@ -1,0 +1,179 @@
+"""Migrations and the device registry against the real embedded Postgres, and
+the CLI commands end to end (exit codes, one-line errors, no secret anywhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from poller import migrate, sealing
+from poller.errors import ConflictError, NotFoundError, SecretKeyError, UsageError
+from poller.registry import Registry
+from poller.stack import pg_bin_dir
+from tests.stackfix import RunningStack, fresh_database_url
+
+PASSWORD = "Plaintext-Canary-7c1d9e"
+
+
+async def _migrated(url: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(url)
+    await migrate.migrate(conn)
+    return conn
+
+
+async def test_migrations_apply_once_in_order(fresh_db: str) -> None:
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        first = await migrate.migrate(conn)
+        assert first == [m.name for m in migrate.discover()]
+        assert await migrate.migrate(conn) == []  # idempotent
+        versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [r["version"] for r in versions] == [m.version for m in migrate.discover()]
+        parts = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'readings'::regclass")
+        assert parts >= 4  # partitions created ahead
+        assert await migrate.ensure_partitions(conn, days_ahead=10) > 0
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrators_do_not_collide(fresh_db: str) -> None:
+    conns = [await asyncpg.connect(fresh_db) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate.migrate(c) for c in conns))
+        applied = [name for r in results for name in r]
+        assert sorted(applied) == sorted(m.name for m in migrate.discover())
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_changed_applied_migration_is_refused(fresh_db: str, tmp_path: Path) -> None:
+    conn = await _migrated(fresh_db)
+    try:
+        edited = [migrate.Migration(m.version, m.name, m.sql + "\n-- edited")
+                  for m in migrate.discover()]
+        with pytest.raises(migrate.MigrationError, match="changed after it was applied"):
+            await migrate.migrate(conn, edited)
+    finally:
+        await conn.close()
+
+
+async def test_registry_round_trip_and_rejections(fresh_db: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    conn = await _migrated(fresh_db)
+    box = sealing.SecretBox(sealing.generate_key())
+    reg = Registry(conn, box)
+    try:
+        rec = await reg.add("00CE69", email="owner@example.com", driver="eagle-cloud", url=None,
+                            interval_s=6, options={}, secret=PASSWORD)
+        assert rec.cloud_id == "00ce69"
+        with pytest.raises(ConflictError, match="already registered"):
+            await reg.add("00ce69", email="owner@example.com", driver="eagle-cloud", url=None,
+                          interval_s=6, options={}, secret=PASSWORD)
+        for bad in (dict(cloud_id="xyz"), dict(email="not-an-email"),
+                    dict(url="ftp://host"), dict(url="http://user:pw@host"),
+                    dict(driver="nope"), dict(interval_s=0)):
+            args = dict(cloud_id="00ab12", email="a@b.example", driver="eagle-cloud",
+                        url=None, interval_s=6.0, options={}, secret=PASSWORD)
+            args.update(bad)  # type: ignore[arg-type]
+            cid = args.pop("cloud_id")
+            with pytest.raises(UsageError):
+                await reg.add(str(cid), **args)  # type: ignore[arg-type]
+        updated = await reg.update("00ce69", interval_s=10, secret="new-secret")
+        assert updated.interval_s == 10
+        specs = await reg.specs()
+        assert specs[rec.id][1].secret == "new-secret"
+        assert [r.cloud_id for r in await reg.listing()] == ["00ce69"]
+        await reg.remove("00ce69")
+        assert await reg.listing() == []
+        with pytest.raises(NotFoundError):
+            await reg.remove("00ce69")
+        with pytest.raises(NotFoundError):
+            await reg.update("00ce69", interval_s=3)
+        sealed = await conn.fetchval("SELECT sealed_secret FROM devices WHERE id = $1", rec.id)
+        assert sealed is None  # wiped on removal
+        again = await reg.add("00ce69", email="owner@example.com", driver="eagle-cloud",
+                              url=None, interval_s=6, options={}, secret=PASSWORD)
+        assert again.id != rec.id  # re-registration is a new device; old readings keep theirs
+        # A wrong key: the device is skipped with a clear error, the rest goes on.
+        wrong = Registry(conn, sealing.SecretBox(sealing.generate_key()))
+        assert await wrong.specs() == {}
+        assert "sealed with another key" in caplog.text
+        sealed = await conn.fetchval("SELECT sealed_secret FROM devices WHERE id = $1", again.id)
+        with pytest.raises(SecretKeyError, match="another key"):
+            sealing.SecretBox(sealing.generate_key()).open(sealed, context="00ce69")
+    finally:
+        await conn.close()
+
+
+def _cli(args: list[str], env: dict[str, str], stdin: str | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "poller", *args], input=stdin,
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+
+
+def test_cli_registry_commands_and_no_plaintext_anywhere(stack: RunningStack,
+                                                         tmp_path: Path) -> None:
+    db_url = fresh_database_url(stack.info)
+    env = {"POLLER_STATE_DIR": str(tmp_path / "state"), "POLLER_DATABASE_URL": db_url,
+           "POLLER_REDIS_URL": stack.info.redis_url,
+           "POLLER_S3_ENDPOINT_URL": stack.info.s3_endpoint_url, "POLLER_LOG_LEVEL": "debug"}
+    logs: list[str] = []
+
+    def run(args: list[str], stdin: str | None = None, code: int = 0) -> str:
+        out = _cli(args, env, stdin)
+        logs.append(out.stdout + out.stderr)
+        assert out.returncode == code, (args, out.stdout, out.stderr)
+        return out.stdout + out.stderr
+
+    run(["add-user", "00ce69", "--email", "owner@example.com", "--password-stdin"],
+        PASSWORD + "\n")
+    assert "already registered" in run(
+        ["add-user", "00ce69", "--email", "owner@example.com", "--password-stdin"],
+        PASSWORD + "\n", code=2)
+    for bad in (["add-user", "zz", "--email", "a@b.example", "--password-stdin"],
+                ["add-user", "00ab12", "--email", "nope", "--password-stdin"],
+                ["add-user", "00ab12", "--email", "a@b.example", "--url", "http://h:99999",
+                 "--password-stdin"],
+                ["update-user", "00ab99", "--interval", "5"],
+                ["remove-user", "00ab99"],
+                ["add-user", "00ab12", "--email", "a@b.example", "--interval", "-1",
+                 "--password-stdin"]):
+        text = run(bad, PASSWORD + "\n", code=2)
+        assert text.strip().count("\n") == 0, text  # one line
+    # Without a terminal and without --password-stdin there is no password.
+    assert "--password-stdin" in run(["add-user", "00ab12", "--email", "a@b.example"], "",
+                                     code=2)
+    listing = json.loads(run(["list-users", "--json"]))
+    assert [d["cloud_id"] for d in listing] == ["00ce69"]
+    assert "secret" not in json.dumps(listing)
+    run(["update-user", "00ce69", "--interval", "12", "--disable"])
+    assert json.loads(run(["list-users", "--json"]))[0]["interval_s"] == 12
+    assert "00ce69" in run(["list-users"])
+    run(["remove-user", "00ce69"])
+    run(["add-user", "00ce69", "--email", "owner@example.com", "--password-stdin"],
+        PASSWORD + "\n")
+
+    dump = subprocess.run([str(pg_bin_dir() / "pg_dump"), "--data-only", db_url],
+                          capture_output=True, timeout=120, check=True).stdout
+    assert b"00ce69" in dump  # the dump is real
+    assert PASSWORD.encode() not in dump
+    client = redis.Redis.from_url(stack.info.redis_url)
+    try:
+        for key in client.scan_iter(count=1000):
+            value = client.dump(key)
+            assert value is None or PASSWORD.encode() not in value
+    finally:
+        client.close()
+    assert all(PASSWORD not in text for text in logs)
+    key_file = tmp_path / "state" / sealing.KEY_FILE_NAME
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
