@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -38,10 +39,8 @@ def test_serve_speaks_sd_notify_in_order(stack: RunningStack, tmp_path: Path) ->
         deadline = time.monotonic() + 60
         sent_term = False
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 messages.extend(sock.recv(4096).decode().splitlines())
-            except TimeoutError:
-                pass
             if not sent_term and "WATCHDOG=1" in messages:
                 # A reload in between: RELOADING=1 then READY=1 again.
                 proc.send_signal(signal.SIGHUP)
