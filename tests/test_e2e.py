@@ -289,3 +289,71 @@ async def test_kill_9_loses_at_most_a_flush_and_never_duplicates(run: Run,
     for cloud_id, device_at, _ in lost:
         assert killed_at - device_at <= flush_window + 2.0, (cloud_id, device_at)
     assert sum(served_before.values()) > 0
+
+
+async def test_reload_applies_tokens_and_poll_settings(run: Run) -> None:
+    import aiohttp
+
+    service = Service(run.settings)
+    await service.start()
+    try:
+        url = f"http://127.0.0.1:{service.api_port}/api/fleet"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as resp:
+                assert resp.status == 200  # no token configured: open on loopback
+            token = "r" * 24
+            fresh = config.load(config_path=None, env={
+                **run.env, "POLLER_API_READ_TOKEN": token, "POLLER_POLLING_TIMEOUT_S": "0.2",
+                "POLLER_DATABASE_URL": "postgresql://elsewhere/db"})
+            later = service.reload(fresh)
+            assert later == ["database"]  # kept, needs a restart
+            assert service.settings.database.url == run.settings.database.url
+            assert service.engine is not None
+            assert service.engine.pool.timeout_for(6.0) == 0.2
+            async with http.get(url) as resp:
+                assert resp.status == 401
+            async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200
+    finally:
+        await service.stop()
+
+
+async def _wait_for(predicate: Callable[[], bool], within_s: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < within_s, "not within the time allowed"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_registry_changes_reach_a_running_serve_within_2_s(run: Run) -> None:
+    service = Service(run.settings)
+    await service.start()
+    conn = await asyncpg.connect(run.settings.database.url)
+    try:
+        assert service.engine is not None
+        pool = service.engine.pool
+        reg = Registry(conn, sealing.SecretBox(sealing.load_key(run.settings.state_dir)))
+        assert len(pool.loops) == DEVICES
+        # add: a device the simulator knows but the registry did not
+        await reg.remove("f00003")
+        await _wait_for(lambda: len(pool.loops) == DEVICES - 1, 2.0)
+        email, password = credentials_for("f00003", 5)
+        rec = await reg.add("f00003", email=email, driver="eagle-cloud", url=run.base_url,
+                            interval_s=INTERVAL_S, options={}, secret=password)
+        await _wait_for(lambda: rec.id in pool.loops, 2.0)
+        await _wait_for(lambda: pool.loops[rec.id].target.readings > 0, 3.0)
+        # update: wrong credentials -> auth_failed; right ones -> ok again
+        await reg.update("f00003", secret="wrong")
+        await _wait_for(lambda: pool.loops[rec.id].target.state.value == "auth_failed", 2.5)
+        await reg.update("f00003", secret=password)
+        await _wait_for(lambda: pool.loops[rec.id].target.state.value == "ok", 2.5)
+        # disable and remove
+        await reg.update("f00004", enabled=False)
+        await _wait_for(lambda: all(lp.target.cloud_id != "f00004"
+                                    for lp in pool.loops.values()), 2.0)
+        await reg.remove("f00003")
+        await _wait_for(lambda: rec.id not in pool.loops, 2.0)
+    finally:
+        await conn.close()
+        await service.stop()

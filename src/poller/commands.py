@@ -34,11 +34,12 @@ def stack(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "down":
         st.down()
         return 0
-    running = True
+    healthy = True
     for name, status in st.status().items():
-        print(f"{name:9} {status}")
-        running = running and "running" in str(status)
-    return 0 if running else 3
+        pid = f"pid {status.pid}" if status.pid else ""
+        print(f"{name:9} {status.state:9} {status.url or '-':60} {pid}")
+        healthy = healthy and status.state in ("running", "external")
+    return 0 if healthy else 3
 
 
 def config_show(settings: Settings, args: argparse.Namespace) -> int:
@@ -348,11 +349,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
                 log.error("SIGHUP: configuration refused, keeping the running one: %s", exc)
             else:
                 logs.setup(fresh.log.level, fresh.log.format)
-                changed = [k for k in ("polling", "api", "ingest", "database", "redis", "s3")
-                           if getattr(fresh, k) != getattr(service.settings, k)]
-                log.info("SIGHUP: configuration re-read; log level %s%s", fresh.log.level,
-                         f"; changed sections {', '.join(changed)} apply at restart"
-                         if changed else "")
+                later = service.reload(fresh)
+                log.info("SIGHUP: configuration reloaded%s",
+                         f"; needs a restart to change: {', '.join(later)}" if later else "")
             notifier.ready(status_text())
 
         def status_text() -> str:

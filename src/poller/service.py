@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -198,6 +199,32 @@ class Service:
             self.api_runner, self.api_port = await start_api(self, s.api.host, s.api.port)
             log.info("API on http://%s:%d", s.api.host, self.api_port)
         log.info("serving %d device(s) as instance %s", len(pool.loops), s.instance_id)
+
+    def reload(self, fresh: Settings) -> list[str]:
+        """Apply a re-read configuration (SIGHUP) without losing a reading.
+
+        Live: API tokens, log settings, poll timeout, back-off and auth-failed
+        intervals, totals cadence, in-flight cap, resync period, flush size and
+        age. Server URLs, the API address, the instance id and the state
+        directory need a restart; they are kept and named in the return value.
+        (Each device's interval is its registration's: ``update-user``.)"""
+        old = self.settings
+        fixed = ("database", "redis", "s3", "state_dir", "instance_id")
+        needs_restart = [k for k in fixed if getattr(fresh, k) != getattr(old, k)]
+        if (fresh.api.host, fresh.api.port, fresh.api.enabled) != \
+                (old.api.host, old.api.port, old.api.enabled):
+            needs_restart.append("api address")
+        applied = dataclasses.replace(
+            fresh, **{k: getattr(old, k) for k in fixed},
+            api=dataclasses.replace(fresh.api, host=old.api.host, port=old.api.port,
+                                    enabled=old.api.enabled))
+        self.settings = applied
+        if self.engine is not None:
+            self.engine.pool.apply_settings(applied.polling)
+            self.engine.watcher.resync_interval_s = applied.polling.resync_interval_s
+        if self.ingest is not None:
+            self.ingest.apply_settings(applied.ingest)
+        return needs_restart
 
     def _take_dirty(self) -> list[Any]:
         assert self.engine is not None

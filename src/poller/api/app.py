@@ -30,7 +30,7 @@ async def get_openapi(request: web.Request) -> web.Response:
 def make_app(view: ServiceView) -> web.Application:
     """The application, without binding anything (tests use it directly)."""
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(view.settings.api)],
+        middlewares=[error_middleware, make_auth_middleware(lambda: view.settings.api)],
         client_max_size=MAX_BODY_BYTES,
     )
     app[VIEW] = view

@@ -51,12 +51,16 @@ def _bearer(request: web.Request) -> bytes | None:
     return value.strip().encode("utf-8", "surrogateescape")
 
 
-def make_auth_middleware(settings: ApiSettings) -> Middleware:
-    admin, reader = settings.admin_token, settings.read_token
-    open_api = not (admin or reader)
+def make_auth_middleware(settings: ApiSettings | Callable[[], ApiSettings]) -> Middleware:
+    """``settings`` may be a callable: tokens are then read per request, so a
+    configuration reload (SIGHUP) changes them without a restart."""
+    current = settings if callable(settings) else (lambda: settings)
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        api = current()
+        admin, reader = api.admin_token, api.read_token
+        open_api = not (admin or reader)
         route = request.match_info.route
         # Unmatched routes fall through to the router's 404/405 (as JSON).
         target = getattr(route, "handler", None)

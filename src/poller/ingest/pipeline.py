@@ -73,6 +73,12 @@ class Ingest:
         self.copy_seconds = LogHistogram()
         self.commit_latency = LogHistogram()
 
+    def apply_settings(self, settings: IngestSettings) -> None:
+        """New flush size and age, buffer bound and grace (SIGHUP)."""
+        self.settings = settings
+        self._batch_rows = settings.batch_rows
+        self._max_rows = settings.buffer_max_rows
+
     # -- the hot path -----------------------------------------------------------
 
     def accept(self, reading: Reading) -> None:
@@ -174,12 +180,11 @@ class Ingest:
     # -- buffer -> spool ----------------------------------------------------------
 
     async def _flusher(self) -> None:
-        interval = self.settings.flush_interval_s
         next_rotate = time.monotonic() + _ROTATE_EVERY_S
         failures = 0
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                await asyncio.wait_for(self._wake.wait(), self.settings.flush_interval_s)
             self._wake.clear()
             if self._stopping:
                 return

@@ -87,6 +87,16 @@ class DevicePool:
         self.wall_offset = 0.0
         self.loop_time: Callable[[], float] = time.monotonic
 
+    def apply_settings(self, settings: PollingSettings) -> None:
+        """New timeout, back-off, cadence and cap; running loops use them from
+        their next poll."""
+        self.settings = settings
+        self.max_in_flight = settings.max_in_flight
+        self.totals_every = settings.totals_every
+        self.backoff_max_s = settings.backoff_max_s
+        self.auth_failed_interval_s = settings.auth_failed_interval_s
+        self.slot_freed()
+
     def set_sink(self, sink: ReadingSink) -> None:
         """Replace the sink; only before ``start()``."""
         self._sink = sink

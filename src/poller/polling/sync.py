@@ -32,7 +32,7 @@ class RegistryWatcher:
         self._url = database_url
         self._box = box
         self._pool = pool
-        self._resync_interval_s = resync_interval_s
+        self.resync_interval_s = resync_interval_s
         self._conn: asyncpg.Connection | None = None
         self._changed: set[str] = set()
         self._wake = asyncio.Event()
@@ -81,7 +81,7 @@ class RegistryWatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_resync = loop.time() + self._resync_interval_s
+        next_resync = loop.time() + self.resync_interval_s
         failures = 0
         while True:
             with contextlib.suppress(TimeoutError):
@@ -96,7 +96,7 @@ class RegistryWatcher:
                 if loop.time() >= next_resync or self._resync_soon():
                     self._changed.clear()
                     await self._full_resync()
-                    next_resync = loop.time() + self._resync_interval_s
+                    next_resync = loop.time() + self.resync_interval_s
                 elif self._changed:
                     await asyncio.sleep(_DEBOUNCE_S)  # gather a burst of changes
                     changed, self._changed = list(self._changed), set()
