@@ -67,6 +67,7 @@ class Ingest:
         self._stopping = False
         self._stop_event = asyncio.Event()
         self.postgres_up = False
+        self._pg_was_down = False
         self.spool_ok = True
         self.rows_committed = 0
         self.copy_batches = 0
@@ -278,6 +279,7 @@ class Ingest:
                 if self.postgres_up or failures == 1:
                     log.warning("postgres unavailable, readings wait in the spool: %s", exc)
                 self.postgres_up = False
+                self._pg_was_down = True
                 await self._pause(min(_RETRY_MAX_S, 0.5 * 2**min(failures, 8))
                                   * (0.5 + random.random() / 2))
 
@@ -295,8 +297,9 @@ class Ingest:
                 self.rows_committed += caught
                 log.info("loader caught up %d reading(s) in %.1f s", caught,
                          time.monotonic() - started)
-            if behind_since is not None or not self.postgres_up:
+            if behind_since is not None or self._pg_was_down:
                 log.info("postgres loading again")
+            self._pg_was_down = False
             self.postgres_up = True
         while self._pending:
             pos, rows = self._pending[0]

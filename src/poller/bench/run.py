@@ -1,0 +1,526 @@
+"""``poller bench``: throughput, lateness, CPU and memory of a real run.
+
+The bench starts (in its own state directory) the embedded stack, the device
+simulator and ``poller serve`` as separate processes, lets the fleet warm up,
+then measures a window: poll counts and lateness from ``/metrics``, the
+simulator's view of interval jitter, CPU and RSS of each process from
+``/proc``, readings stored per tick from Postgres. Optionally a second, smaller
+fleet gives the RSS per device, a sweep finds the largest fleet held, and
+``wrk`` gives the CPU floor of one request. Everything it started it stops,
+on errors and Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from poller.bench import storage
+from poller.bench.children import BenchError, Child, http_json, http_text, wait_http
+from poller.bench.measure import Scrape, parse_metrics, process_cpu_s, rss_bytes, tree_cpu_s
+from poller.bench.report import (
+    BenchReport,
+    FleetRun,
+    ProcessCost,
+    RssSlope,
+    Sample,
+    SweepStep,
+    evaluate,
+    render,
+    write_chart,
+    write_json,
+)
+from poller.bench.wrkfloor import Floor, run_floor
+from poller.config import Settings
+from poller.simulator.fleet import DEFAULT_ID_OFFSET
+
+_MAX_DEVICES = 0x1000000 - DEFAULT_ID_OFFSET  # the simulator's 6-hex-digit id space
+_SWEEP_MAX_STEPS = 8
+_LATENESS = "poller_poll_lateness_seconds"
+_COMMIT = "poller_commit_latency_seconds"
+_DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's flags. ``--state-dir`` is the common flag: when not given the
+    bench uses ``STATE_DIR/bench`` so it never touches ``make run``'s data."""
+    parser.add_argument("--devices", type=_positive_int, default=10_000,
+                        help="fleet size (default 10000)")
+    parser.add_argument("--interval", type=_positive, default=6.0, metavar="SECONDS",
+                        help="poll interval (default 6)")
+    parser.add_argument("--duration", type=_positive, default=60.0, metavar="SECONDS",
+                        help="measured window (default 60)")
+    parser.add_argument("--warmup", type=_positive, default=None, metavar="SECONDS",
+                        help="warm-up before the window (default two intervals)")
+    parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"),
+                        metavar="PATH", help="write the results here (default "
+                        "bench-out/bench.json)")
+    parser.add_argument("--chart", type=Path, default=None, metavar="PATH",
+                        help="PNG of lateness and throughput (default: next to the JSON)")
+    parser.add_argument("--no-wrk", action="store_true", help="skip the wrk floor")
+    parser.add_argument("--floor-duration", type=_positive, default=10.0, metavar="SECONDS",
+                        help="how long wrk runs (default 10)")
+    parser.add_argument("--no-rss-slope", action="store_true",
+                        help="skip the second, smaller run that gives RSS per device")
+    parser.add_argument("--small-devices", type=_positive_int, default=None, metavar="N",
+                        help="fleet size of the RSS-slope run (default devices/4)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="raise the fleet (doubling, then bisecting) until p99 lateness "
+                        "exceeds 100 ms or fewer than 99.99%% of polls complete")
+    parser.add_argument("--keep-stack", action="store_true",
+                        help="leave the embedded servers running at the end")
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    parser.add_argument("--sample-every", type=_positive, default=1.0, metavar="SECONDS",
+                        help="how often to scrape /metrics during the window (default 1)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    devices: int
+    interval_s: float
+    duration_s: float
+    warmup_s: float
+    json_path: Path
+    chart_path: Path
+    wrk: bool
+    floor_s: float
+    rss_slope: bool
+    small_devices: int
+    sweep: bool
+    keep_stack: bool
+    seed: int
+    sample_every_s: float
+
+
+def run_bench(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the bench; print the table, write JSON and the chart. Exit code 0
+    whatever the targets say: this measures, it does not judge."""
+    opts = _options(args)
+    state_dir = Path(args.state_dir) if hasattr(args, "state_dir") \
+        else Path(settings.state_dir) / "bench"
+    bench = _Bench(settings, opts, state_dir.resolve())
+    try:
+        report = bench.run()
+    finally:
+        bench.close()
+    sys.stdout.write(render(report))
+    write_json(report, opts.json_path)
+    _progress(f"results: {opts.json_path}")
+    return 0
+
+
+def _options(args: argparse.Namespace) -> _Options:
+    json_path: Path = args.json
+    small = args.small_devices or max(1, args.devices // 4)
+    if not args.no_rss_slope and small >= args.devices:
+        raise BenchError("--small-devices must be below --devices for the RSS slope")
+    return _Options(
+        devices=min(args.devices, _MAX_DEVICES), interval_s=args.interval,
+        duration_s=args.duration,
+        warmup_s=args.warmup if args.warmup is not None else 2 * args.interval,
+        json_path=json_path, chart_path=args.chart or json_path.with_suffix(".png"),
+        wrk=not args.no_wrk, floor_s=args.floor_duration, rss_slope=not args.no_rss_slope,
+        small_devices=small, sweep=args.sweep, keep_stack=args.keep_stack, seed=args.seed,
+        sample_every_s=args.sample_every)
+
+
+def _progress(line: str) -> None:
+    print(f"bench: {line}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    mono: float
+    wall: float
+    poller_cpu_s: float | None
+    postgres_cpu_s: float | None
+    simulator_cpu_s: float | None
+    scrape: Scrape
+    fleet: dict[str, Any]
+    archive_bytes: int
+
+
+class _Bench:
+    def __init__(self, settings: Settings, opts: _Options, state_dir: Path) -> None:
+        self.settings = settings
+        self.opts = opts
+        self.state_dir = state_dir
+        self.logs = state_dir / "bench-logs"
+        self.children: list[Child] = []
+        self.stack: Any = None
+        self.stop_stack = False
+        self.database_url = ""
+        self.child_env: dict[str, str] = {}
+        self.s3_endpoint_url: str | None = None
+        self.postgres_pid: int | None = None
+        self.notes: list[str] = []
+
+    # -- set-up and tear-down -------------------------------------------------------
+
+    def _setup(self) -> None:
+        s = self.settings
+        db, redis, s3 = s.database.url, s.redis.url, s.s3.endpoint_url
+        if not (db and redis and s3):
+            from poller.stack import EmbeddedStack
+
+            self.stack = EmbeddedStack(self.state_dir, database_url=db or None,
+                                       redis_url=redis or None, s3_endpoint_url=s3 or None,
+                                       bucket=s.s3.bucket, progress=_progress)
+            # Stop at the end only what this run started.
+            self.stop_stack = not self.opts.keep_stack and not all(
+                st.running for st in self.stack.status().values())
+            info = self.stack.up()
+            db, redis, s3 = info.database_url, info.redis_url, info.s3_endpoint_url
+            pg = self.stack.status()["postgres"]
+            self.postgres_pid = pg.pid if pg.state == "running" else None
+        if self.postgres_pid is None:
+            self.notes.append("Postgres is external: its CPU is not measured")
+        self.database_url = db
+        self.s3_endpoint_url = None if s3 == "aws" else s3
+        env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
+        # Resolved URLs: the children never start or look for servers.
+        env.update({
+            "POLLER_STATE_DIR": str(self.state_dir), "POLLER_DATABASE_URL": db,
+            "POLLER_REDIS_URL": redis, "POLLER_S3_ENDPOINT_URL": s3,
+            "POLLER_S3_BUCKET": s.s3.bucket, "POLLER_S3_PREFIX": s.s3.prefix,
+            "POLLER_API_HOST": "127.0.0.1", "POLLER_API_PORT": "0",
+            "POLLER_API_ADMIN_TOKEN": "", "POLLER_API_READ_TOKEN": "",
+            "POLLER_LOG_LEVEL": "info", "POLLER_LOG_FORMAT": "text",
+        })
+        self.child_env = env
+
+    def close(self) -> None:
+        """Stop every child (newest first), then the stack if this run started it."""
+        for child in reversed(self.children):
+            child.stop(self.settings.ingest.shutdown_grace_s + 10.0)
+        self.children.clear()
+        if self.stack is not None and self.stop_stack:
+            _progress("stopping the embedded stack (--keep-stack keeps it)")
+            self.stack.down()
+            self.stack = None
+
+    def _start(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, argv, self.child_env, self.logs / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def _stop(self, child: Child) -> None:
+        child.stop(self.settings.ingest.shutdown_grace_s + 10.0)
+        self.children.remove(child)
+
+    def _simulator(self, devices: int, *, register: bool) -> tuple[Child, str]:
+        port_file = self.logs / "simulator.port"
+        port_file.unlink(missing_ok=True)
+        argv = ["simulate", "--devices", str(devices), "--seed", str(self.opts.seed),
+                "--port-file", str(port_file)]
+        if register:
+            argv += ["--register", "--interval", f"{self.opts.interval_s:g}"]
+        sim = self._start("simulator", argv)
+        port = sim.wait_file(port_file, 120.0 + devices / 500)
+        return sim, f"http://127.0.0.1:{port}"
+
+    # -- the whole bench ----------------------------------------------------------
+
+    def run(self) -> BenchReport:
+        opts = self.opts
+        self._setup()
+        runs: list[FleetRun] = []
+        sweep: list[SweepStep] = []
+        largest: int | None = None
+        if opts.sweep:
+            runs, sweep, largest = self._sweep()
+            held = [r for r in runs if r.held]
+            main = max(held, key=lambda r: r.devices) if held else runs[0]
+        else:
+            main = self._measure(opts.devices, "main")
+            runs.append(main)
+        slope = None
+        if opts.rss_slope and not opts.sweep:
+            small = self._measure(opts.small_devices, "RSS slope")
+            runs.append(small)
+            if main.rss_bytes is not None and small.rss_bytes is not None:
+                slope = RssSlope(small.devices, small.rss_bytes, main.devices, main.rss_bytes,
+                                 (main.rss_bytes - small.rss_bytes)
+                                 / (main.devices - small.devices))
+        floor = self._floor() if opts.wrk else None
+        if floor is not None and not floor.available:
+            _progress(f"floor not measured: {floor.reason}")
+            self.notes.append(f"wrk floor not measured: {floor.reason}")
+        multiple = None
+        if floor is not None and floor.us_per_request and main.poller.us_per_unit is not None:
+            multiple = main.poller.us_per_unit / floor.us_per_request
+        reason = write_chart(main, opts.chart_path)
+        if reason is not None:
+            self.notes.append(reason)
+        self.notes.append("lateness and commit quantiles interpolate inside the /metrics "
+                          "buckets; 'ticks stored' counts readings in Postgres per tick "
+                          "(exact), 'completed' the poller's ok counter (edge noise)")
+        return BenchReport(
+            config={"devices": opts.devices, "interval_s": opts.interval_s,
+                    "duration_s": opts.duration_s, "warmup_s": opts.warmup_s,
+                    "state_dir": str(self.state_dir), "seed": opts.seed,
+                    "sample_every_s": opts.sample_every_s, "cpus": os.cpu_count(),
+                    "argv": sys.argv[1:]},
+            main=main, runs=runs, rss_slope=slope, floor=floor, cpu_floor_multiple=multiple,
+            sweep=sweep, sweep_largest_held=largest,
+            targets=evaluate(main, slope, multiple, largest), notes=self.notes,
+            chart=None if reason else str(opts.chart_path))
+
+    def _sweep(self) -> tuple[list[FleetRun], list[SweepStep], int | None]:
+        runs: list[FleetRun] = []
+        steps: list[SweepStep] = []
+        held_max, fail_min = 0, _MAX_DEVICES + 1
+        n = self.opts.devices
+        for _ in range(_SWEEP_MAX_STEPS):
+            run = self._measure(n, f"sweep step {len(steps) + 1}")
+            runs.append(run)
+            ratio = run.ticks_ratio if run.ticks_ratio is not None else run.completed_ratio
+            steps.append(SweepStep(n, run.held, ratio, run.lateness_p99_s,
+                                   run.poller.us_per_unit))
+            if run.held:
+                held_max = max(held_max, n)
+            else:
+                fail_min = min(fail_min, n)
+            if fail_min > _MAX_DEVICES:
+                n = min(2 * n, _MAX_DEVICES)
+                if n == held_max:
+                    break
+            elif held_max == 0:
+                n = fail_min // 2
+                if n < 10:
+                    break
+            else:
+                if fail_min - held_max <= max(held_max // 8, 100):
+                    break
+                n = (held_max + fail_min) // 2
+        return runs, steps, held_max or None
+
+    def _floor(self) -> Floor:
+        devices = min(self.opts.devices, 10_000)
+        _progress(f"floor: wrk for {self.opts.floor_s:g} s against the simulator "
+                  f"({devices:,} devices)")
+        sim, base = self._simulator(devices, register=False)
+        try:
+            return run_floor(base, devices=devices, seed=self.opts.seed,
+                             duration_s=self.opts.floor_s)
+        finally:
+            self._stop(sim)
+
+    # -- one fleet size -------------------------------------------------------------
+
+    def _measure(self, devices: int, label: str) -> FleetRun:
+        opts = self.opts
+        _progress(f"{label}: {devices:,} devices every {opts.interval_s:g} s: simulator "
+                  "(registering the fleet)")
+        sim, sim_url = self._simulator(devices, register=True)
+        removed = storage.trim_registry(self.database_url, devices)
+        if removed:
+            _progress(f"{label}: removed {removed:,} device(s) of earlier runs from the registry")
+        _progress(f"{label}: starting poller serve")
+        serve = self._start("serve", ["serve"])
+        api = f"http://127.0.0.1:{serve.api_port(120.0 + devices / 1000)}"
+        self._wait_fleet(api, devices, serve, 120.0 + devices / 1000)
+        _countdown(f"{label}: warm-up", opts.warmup_s, lambda: serve.check_alive())
+        _progress(f"{label}: measuring for {opts.duration_s:g} s")
+        start = self._snapshot(serve, sim, api, sim_url, reset=True)
+        series: list[Sample] = []
+        last = start.scrape
+        last_t = start.mono
+        end_at = start.mono + opts.duration_s
+        while (left := end_at - time.monotonic()) > 0:
+            time.sleep(min(opts.sample_every_s, left))
+            serve.check_alive()
+            sim.check_alive()
+            if end_at - time.monotonic() <= 0:
+                break
+            now = time.monotonic()
+            scrape = parse_metrics(http_text(api + "/metrics"))
+            sample = _sample(now - start.mono, now - last_t, last, scrape)
+            series.append(sample)
+            last, last_t = scrape, now
+            _status(f"{label}: {end_at - now:4.0f} s left, {sample.polls_ok_per_s:,.0f} polls/s, "
+                    f"p99 lateness {_ms(sample.lateness_p99_s)}")
+        end = self._snapshot(serve, sim, api, sim_url, reset=False)
+        _status_done()
+        rss = rss_bytes(serve.pid)
+        jitter = http_json(sim_url + "/_sim/jitter")
+        sim_requests = int(http_json(sim_url + "/_sim/stats")["requests"])
+        k = math.floor((end.wall - start.wall) / opts.interval_s + 1e-9)
+        stored = self._stored_ticks(start.wall, start.wall + k * opts.interval_s, serve) \
+            if k else 0
+        self._stop(serve)
+        self._stop(sim)
+        run = _fleet_run(devices, opts.interval_s, start, end, series, rss, jitter,
+                         sim_requests, k, stored)
+        _progress(f"{label}: {devices:,} devices: {run.completed_polls:,} polls ok "
+                  f"({_pct(run.completed_ratio)}), p99 lateness {_ms(run.lateness_p99_s)}, "
+                  f"poller {_us(run.poller.us_per_unit)}/poll, "
+                  f"{'held' if run.held else 'NOT held'}")
+        return run
+
+    def _wait_fleet(self, api: str, devices: int, serve: Child, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        fleet = wait_http(api + "/api/fleet", serve, timeout_s)
+        while fleet["devices"] != devices:
+            if time.monotonic() > deadline:
+                raise BenchError(f"serve polls {fleet['devices']} devices, expected {devices}")
+            time.sleep(0.5)
+            serve.check_alive()
+            fleet = http_json(api + "/api/fleet")
+
+    def _snapshot(self, serve: Child, sim: Child, api: str, sim_url: str, *,
+                  reset: bool) -> _Snapshot:
+        archive = storage.archive_bytes(self.settings, self.state_dir, self.s3_endpoint_url)
+        if reset:
+            http_json(sim_url + "/_sim/reset", method="POST", body={})
+        mono, wall = time.monotonic(), time.time()
+        poller_cpu = process_cpu_s(serve.pid)
+        pg_cpu = tree_cpu_s(self.postgres_pid) if self.postgres_pid else None
+        sim_cpu = process_cpu_s(sim.pid)
+        scrape = parse_metrics(http_text(api + "/metrics"))
+        fleet = http_json(api + "/api/fleet")
+        return _Snapshot(mono, wall, poller_cpu, pg_cpu, sim_cpu, scrape, fleet, archive)
+
+    def _stored_ticks(self, start: float, end: float, serve: Child) -> int:
+        """Readings stored for ticks in [start, end), once every poll of those
+        ticks has had its timeout and a flush to land."""
+        settle_until = end + self.settings.polling.timeout_s + 2 * \
+            self.settings.ingest.flush_interval_s + 1.0
+        give_up = settle_until + 30.0
+        _progress("waiting for the window's readings to reach Postgres")
+        while time.time() < settle_until:
+            serve.check_alive()
+            time.sleep(0.5)
+        count = storage.readings_between(self.database_url, start, end)
+        while time.time() < give_up:
+            time.sleep(1.0)
+            again = storage.readings_between(self.database_url, start, end)
+            if again == count:
+                break
+            count = again
+        return count
+
+
+def _sample(t_s: float, dt: float, before: Scrape, after: Scrape) -> Sample:
+    ok = after.total("poller_polls_total", outcome="ok") - \
+        before.total("poller_polls_total", outcome="ok")
+    rows = after.value("poller_rows_committed_total") - before.value("poller_rows_committed_total")
+    late = after.histograms[_LATENESS].minus(before.histograms[_LATENESS])
+    return Sample(round(t_s, 3), ok / dt, rows / dt, late.quantile(0.99))
+
+
+def _fleet_run(devices: int, interval_s: float, start: _Snapshot, end: _Snapshot,
+               series: list[Sample], rss: int | None, jitter: dict[str, Any],
+               sim_requests: int, k: int, stored: int) -> FleetRun:
+    elapsed = end.mono - start.mono
+    a, b = start.scrape, end.scrape
+    outcomes = {o: int(end.fleet["polls_by_outcome"].get(o, 0)
+                       - start.fleet["polls_by_outcome"].get(o, 0))
+                for o in end.fleet["polls_by_outcome"]}
+    ok = outcomes.get("ok", 0)
+    scheduled = b.value("poller_expected_polls_per_second") * elapsed
+    late = b.histograms[_LATENESS].minus(a.histograms[_LATENESS])
+    commit = b.histograms[_COMMIT].minus(a.histograms[_COMMIT])
+    # The poller's max is since start: it belongs to the window only if it grew.
+    max_end, max_start = end.fleet["lateness_max_s"], start.fleet["lateness_max_s"]
+    window_max = max_end if max_end > max_start else late.highest_bucket()
+    rows = int(b.value("poller_rows_committed_total") - a.value("poller_rows_committed_total"))
+    archive = end.archive_bytes - start.archive_bytes
+    ticks_scheduled = devices * k
+
+    def cost(before: float | None, after: float | None, units: int) -> ProcessCost:
+        if before is None or after is None:
+            return ProcessCost(None, None, None)
+        used = after - before
+        return ProcessCost(used, 100.0 * used / elapsed, used / units * 1e6 if units else None)
+
+    return FleetRun(
+        devices=devices, interval_s=interval_s, elapsed_s=elapsed, scheduled_polls=scheduled,
+        completed_polls=ok, completed_ratio=ok / scheduled if scheduled else None,
+        polls_by_outcome=outcomes,
+        skipped_ticks=int(b.value("poller_skipped_ticks_total")
+                          - a.value("poller_skipped_ticks_total")),
+        backpressure_skips=int(b.value("poller_backpressure_skips_total")
+                               - a.value("poller_backpressure_skips_total")),
+        ticks_window_s=k * interval_s, ticks_scheduled=ticks_scheduled, ticks_stored=stored,
+        ticks_ratio=stored / ticks_scheduled if ticks_scheduled else None,
+        lateness_p50_s=late.quantile(0.5), lateness_p99_s=late.quantile(0.99),
+        lateness_max_s=window_max, lateness_within_100ms=late.fraction_within(0.1),
+        jitter_p50_s=jitter.get("jitter_p50_s"), jitter_p99_s=jitter.get("jitter_p99_s"),
+        jitter_max_s=jitter.get("jitter_max_s"), jitter_intervals=int(jitter["intervals"]),
+        poller=cost(start.poller_cpu_s, end.poller_cpu_s, ok),
+        postgres=cost(start.postgres_cpu_s, end.postgres_cpu_s, ok),
+        simulator=cost(start.simulator_cpu_s, end.simulator_cpu_s, sim_requests),
+        simulator_requests=sim_requests, rss_bytes=rss, rows_committed=rows,
+        rows_per_s=rows / elapsed, commit_p50_s=commit.quantile(0.5),
+        commit_p99_s=commit.quantile(0.99), archive_bytes=archive,
+        archive_bytes_per_reading=archive / rows if rows else None, series=series)
+
+
+# -- progress ---------------------------------------------------------------------
+
+def _countdown(label: str, seconds: float, check: Callable[[], None]) -> None:
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        _status(f"{label}: {left:4.0f} s left")
+        check()
+        time.sleep(min(1.0, left))
+    _status_done()
+
+
+_last_line_at = [0.0]
+
+
+def _status(line: str) -> None:
+    """A countdown line: rewritten in place on a terminal, every 10 s otherwise."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[Kbench: {line}")
+        sys.stderr.flush()
+    elif time.monotonic() - _last_line_at[0] >= 10.0:
+        _last_line_at[0] = time.monotonic()
+        _progress(line)
+
+
+def _status_done() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _us(us: float | None) -> str:
+    return "-" if us is None else f"{us:.1f} µs"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4%}"
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value

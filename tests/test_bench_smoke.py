@@ -1,0 +1,85 @@
+"""A small real run of ``poller bench`` so it cannot rot: the JSON it writes has
+every field with a sane type, and polls completed. No timing is asserted: the
+machine is shared, and the bench measures rather than judges."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from poller import config
+from poller.bench.run import add_arguments, run_bench
+from tests.stackfix import RunningStack
+
+NUMBER = (int, float)
+
+
+def _bench_args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "--devices", "50", "--interval", "1", "--duration", "3", "--warmup", "1",
+        "--no-wrk", "--no-rss-slope", "--json", str(tmp_path / "out" / "bench.json"), *extra])
+    args.state_dir = str(tmp_path / "state")
+    return args
+
+
+def _check_types(doc: dict[str, Any], spec: dict[str, Any]) -> None:
+    for key, kind in spec.items():
+        assert key in doc, f"missing {key}"
+        assert isinstance(doc[key], kind), f"{key}={doc[key]!r} is not {kind}"
+
+
+def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str,
+                                              tmp_path: Path,
+                                              capsys: Any) -> None:
+    # The session's servers by URL: the bench starts no embedded stack of its own.
+    settings = config.load(config_path=None, env={
+        "POLLER_DATABASE_URL": fresh_db,
+        "POLLER_REDIS_URL": stack.info.redis_url,
+        "POLLER_S3_ENDPOINT_URL": stack.info.s3_endpoint_url,
+        "POLLER_S3_BUCKET": stack.info.bucket,
+        "POLLER_S3_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
+    })
+    assert run_bench(settings, _bench_args(tmp_path)) == 0
+
+    doc = json.loads((tmp_path / "out" / "bench.json").read_text())
+    main = doc["main"]
+    _check_types(main, {
+        "devices": int, "interval_s": NUMBER, "elapsed_s": NUMBER, "scheduled_polls": NUMBER,
+        "completed_polls": int, "completed_ratio": NUMBER, "polls_by_outcome": dict,
+        "skipped_ticks": int, "backpressure_skips": int, "ticks_scheduled": int,
+        "ticks_stored": int, "ticks_ratio": NUMBER, "lateness_p50_s": NUMBER,
+        "lateness_p99_s": NUMBER, "lateness_max_s": NUMBER, "lateness_within_100ms": NUMBER,
+        "jitter_p50_s": NUMBER, "jitter_p99_s": NUMBER, "jitter_intervals": int,
+        "poller": dict, "postgres": dict, "simulator": dict, "simulator_requests": int,
+        "rss_bytes": int, "rows_committed": int, "rows_per_s": NUMBER,
+        "commit_p50_s": NUMBER, "commit_p99_s": NUMBER, "archive_bytes": int,
+        "archive_bytes_per_reading": NUMBER, "series": list, "held": bool,
+    })
+    assert main["devices"] == 50
+    assert main["completed_polls"] > 0
+    assert main["ticks_scheduled"] == 50 * 3
+    assert 0 < main["ticks_stored"] <= main["ticks_scheduled"]
+    assert main["simulator_requests"] >= main["completed_polls"]
+    assert main["rows_committed"] > 0 and main["archive_bytes"] > 0
+    assert main["rss_bytes"] > 1_000_000
+    _check_types(main["poller"], {"cpu_s": NUMBER, "percent_core": NUMBER,
+                                  "us_per_unit": NUMBER})
+    assert main["poller"]["cpu_s"] >= 0
+    # The session's Postgres is not the bench's to measure.
+    assert main["postgres"]["cpu_s"] is None
+    assert main["series"] and {"t_s", "polls_ok_per_s", "rows_per_s",
+                               "lateness_p99_s"} <= set(main["series"][0])
+    assert doc["runs"] == [main]
+    assert doc["floor"] is None and doc["rss_slope"] is None and doc["sweep"] == []
+    names = [t["name"] for t in doc["targets"]]
+    assert len(names) == 7
+    assert {t["status"] for t in doc["targets"]} <= {"pass", "fail", "n/a"}
+    assert doc["chart"] is None or Path(doc["chart"]).is_file()
+
+    out = capsys.readouterr().out
+    assert "== 50 devices ==" in out and "== targets ==" in out
