@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import orjson
 
-from poller.archive.naming import date_prefix, parse_archive_key
+from poller.archive.naming import date_prefix, parse_archive_key, readings_prefix
 from poller.archive.s3 import ArchiveError, ArchiveUnavailable
 from poller.db import connect
 from poller.reading import READING_COLUMNS, Reading
@@ -145,20 +145,29 @@ class _Tally:
             log.warning("replay: %s", issue)
 
 
+_MAX_DAY_LISTINGS = 62
+
+
 async def _select_keys(store: ArchiveReader, prefix: str, since_s: float,
                        until_s: float) -> list[str]:
     """Archive keys whose hour overlaps the range, oldest hour first."""
     found: list[tuple[tuple[int, int, str], str]] = []
-    day = int(since_s // _DAY_S) * _DAY_S
-    while day < until_s:
-        for key, _size in await store.list_keys(date_prefix(prefix, day)):
+    first_day = int(since_s // _DAY_S) * _DAY_S
+    # A short range lists its days' prefixes; a long one (a year of backfill,
+    # "everything") lists the archive once instead of thousands of empty days.
+    if (until_s - first_day) / _DAY_S > _MAX_DAY_LISTINGS:
+        prefixes = [readings_prefix(prefix)]
+    else:
+        prefixes = [date_prefix(prefix, day)
+                    for day in range(first_day, int(until_s) + 1, _DAY_S) if day < until_s]
+    for listing in prefixes:
+        for key, _size in await store.list_keys(listing):
             try:
                 seg = parse_archive_key(key)
             except ValueError:
                 continue  # not ours (a manual upload, a lifecycle marker)
             if seg.hour_epoch < until_s and seg.hour_epoch + _HOUR_S > since_s:
                 found.append(((seg.hour_epoch, seg.seq, seg.instance), key))
-        day += _DAY_S
     found.sort()
     return [key for _, key in found]
 

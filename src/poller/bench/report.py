@@ -303,7 +303,7 @@ def write_chart(run: FleetRun, path: Path) -> str | None:
                  for s in run.series], label="p99 lateness (per second)")
     top.axhline(HELD_LATENESS_P99_S * 1000, color="red", linestyle=":", label="100 ms")
     top.set_ylabel("ms")
-    top.set_yscale("symlog", linthresh=1.0)
+    top.set_ylim(bottom=0)
     top.legend(loc="upper right")
     top.set_title(f"poller bench: {run.devices:,} devices every {run.interval_s:g} s")
     bottom.plot(t, [s.polls_ok_per_s for s in run.series], label="ok polls/s")

@@ -380,13 +380,16 @@ class _Bench:
         archive = storage.archive_bytes(self.settings, self.state_dir, self.s3_endpoint_url)
         if reset:
             http_json(sim_url + "/_sim/reset", method="POST", body={})
-        mono, wall = time.monotonic(), time.time()
-        poller_cpu = process_cpu_s(serve.pid)
         pg_cpu = tree_cpu_s(self.postgres_pid) if self.postgres_pid else None
+        poller_cpu = process_cpu_s(serve.pid)
         sim_cpu = process_cpu_s(sim.pid)
-        scrape = parse_metrics(http_text(api + "/metrics"))
+        # The counters are read while the scrape is served: time its middle.
+        before, wall = time.monotonic(), time.time()
+        text = http_text(api + "/metrics")
+        mono = (before + time.monotonic()) / 2
         fleet = http_json(api + "/api/fleet")
-        return _Snapshot(mono, wall, poller_cpu, pg_cpu, sim_cpu, scrape, fleet, archive)
+        return _Snapshot(mono, wall, poller_cpu, pg_cpu, sim_cpu, parse_metrics(text), fleet,
+                         archive)
 
     def _stored_ticks(self, start: float, end: float, serve: Child) -> int:
         """Readings stored for ticks in [start, end), once every poll of those
