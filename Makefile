@@ -32,6 +32,10 @@ test: $(STAMP)
 	sh scripts/sysdeps.sh
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	sh scripts/sysdeps.sh bench
+	$(BIN)/poller bench $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy --strict src/poller

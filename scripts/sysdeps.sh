@@ -1,15 +1,28 @@
 #!/bin/sh
 # Install the system tools the test suite needs, when missing (Debian/Ubuntu).
 #   systemd-analyze (package systemd): tests/test_units.py verifies the units.
+# With the argument `bench`, also the tools of `poller bench`:
+#   wrk (package wrk): the CPU floor of one HTTP request.
 # Idempotent: does nothing when every tool is present. Runs apt-get update at
 # most once. Needs root (or sudo) only when something is missing.
 set -eu
 
+case "${1:-}" in
+    "") bench=no ;;
+    bench) bench=yes ;;
+    *) echo "usage: $0 [bench]" >&2; exit 2 ;;
+esac
+
 missing=""
+tools="systemd-analyze"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+if [ "$bench" = yes ]; then
+    tools="$tools, wrk"
+    command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
+fi
 
 if [ -z "$missing" ]; then
-    echo "sysdeps: all present (systemd-analyze)"
+    echo "sysdeps: all present ($tools)"
     exit 0
 fi
 
@@ -38,4 +51,10 @@ command -v systemd-analyze >/dev/null 2>&1 || {
     echo "sysdeps: systemd-analyze still missing after installing systemd" >&2
     exit 1
 }
+if [ "$bench" = yes ]; then
+    command -v wrk >/dev/null 2>&1 || {
+        echo "sysdeps: wrk still missing after installing it" >&2
+        exit 1
+    }
+fi
 echo "sysdeps: done"

@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load tick times before this")
     p.add_argument("--prefix", default=None, help="archive key prefix (default s3.prefix)")
 
+    from poller.bench.run import add_arguments as bench_arguments
+    from poller.bench.run import run_bench
+
+    p = cmd("bench", "measure throughput, lateness, CPU and memory per device against the "
+            "simulator (starts its own stack under STATE_DIR/bench)", run_bench)
+    bench_arguments(p)
+
     p = cmd("check", "monitoring check of a running instance (exit 0 OK, 1 WARNING, "
             "2 CRITICAL, 3 UNKNOWN)", c.check)
     p.add_argument("--url", default=None, help="API base URL (default from api.host/port); "

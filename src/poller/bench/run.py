@@ -433,7 +433,8 @@ def _fleet_run(devices: int, interval_s: float, start: _Snapshot, end: _Snapshot
     commit = b.histograms[_COMMIT].minus(a.histograms[_COMMIT])
     # The poller's max is since start: it belongs to the window only if it grew.
     max_end, max_start = end.fleet["lateness_max_s"], start.fleet["lateness_max_s"]
-    window_max = max_end if max_end > max_start else late.highest_bucket()
+    bucket = late.highest_bucket()
+    window_max = max_end if max_end > max_start or bucket is None else min(bucket, max_end)
     rows = int(b.value("poller_rows_committed_total") - a.value("poller_rows_committed_total"))
     archive = end.archive_bytes - start.archive_bytes
     ticks_scheduled = devices * k
@@ -455,7 +456,8 @@ def _fleet_run(devices: int, interval_s: float, start: _Snapshot, end: _Snapshot
         ticks_window_s=k * interval_s, ticks_scheduled=ticks_scheduled, ticks_stored=stored,
         ticks_ratio=stored / ticks_scheduled if ticks_scheduled else None,
         lateness_p50_s=late.quantile(0.5), lateness_p99_s=late.quantile(0.99),
-        lateness_max_s=window_max, lateness_within_100ms=late.fraction_within(0.1),
+        lateness_max_s=window_max, lateness_max_is_bound=max_end <= max_start,
+        lateness_within_100ms=late.fraction_within(0.1),
         jitter_p50_s=jitter.get("jitter_p50_s"), jitter_p99_s=jitter.get("jitter_p99_s"),
         jitter_max_s=jitter.get("jitter_max_s"), jitter_intervals=int(jitter["intervals"]),
         poller=cost(start.poller_cpu_s, end.poller_cpu_s, ok),
