@@ -173,7 +173,7 @@ class Ingest:
                         time.time() + max(0.0, deadline - time.monotonic()))
             await self.uploader.stop(timeout_s=max(0.1, deadline - time.monotonic()))
         if self.live is not None:
-            await self.live.flush()
+            await self.live.flush(final=True)
             await self.live.close()
         await self.loader.stop()
         await self.spool.close()

@@ -245,12 +245,13 @@ class DeviceLoop:
         target.last_error = message
         if state is DeviceState.OK:
             target.consecutive_failures = 0
+        target.state_changed = True
         # One line per state change, never one per poll; a first success is
         # the normal start, not news.
         if previous is not state and not (previous is DeviceState.PENDING
                                           and state is DeviceState.OK):
-            log.info("device %s: %s -> %s (%s)%s", target.cloud_id, previous.value,
-                     state.value, outcome, f": {message}" if message else "")
+            self._pool.log_transition(target.cloud_id, previous.value, state.value, outcome,
+                                      message)
 
     def _end_poll(self, now_wall: float, delay_s: float) -> None:
         pool = self._pool

@@ -30,6 +30,7 @@ from poller.reading import Reading
 from poller.registry import DeviceRecord
 
 log = logging.getLogger("poller.polling")
+_LOG_BUDGET = 20
 
 
 class ReadingSink(Protocol):
@@ -82,6 +83,9 @@ class DevicePool:
         self.dirty: list[Target] = []
         self._waiting: collections.deque[DeviceLoop] = collections.deque()
         self._stopping: set[asyncio.Future[None]] = set()
+        self._log_window_at = 0.0
+        self._log_count = 0
+        self._log_suppressed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.wheel: TimingWheel
         self.wall_offset = 0.0
@@ -96,6 +100,26 @@ class DevicePool:
         self.backoff_max_s = settings.backoff_max_s
         self.auth_failed_interval_s = settings.auth_failed_interval_s
         self.slot_freed()
+
+    def log_transition(self, cloud_id: str, previous: str, state: str, outcome: str,
+                       message: str | None) -> None:
+        """Log a device's state change, at most ``_LOG_BUDGET`` lines a second:
+        when a whole fleet fails at once (its cloud is down) a line per device
+        would cost more than the polls. The rest are counted and summarised."""
+        now = self.loop_time()
+        if now - self._log_window_at >= 1.0:
+            if self._log_suppressed:
+                log.warning("%d more device state change(s) not logged in the last second "
+                            "(GET /api/devices?state=... lists them)", self._log_suppressed)
+            self._log_window_at = now
+            self._log_count = 0
+            self._log_suppressed = 0
+        if self._log_count >= _LOG_BUDGET:
+            self._log_suppressed += 1
+            return
+        self._log_count += 1
+        log.info("device %s: %s -> %s (%s)%s", cloud_id, previous, state, outcome,
+                 f": {message}" if message else "")
 
     def set_sink(self, sink: ReadingSink) -> None:
         """Replace the sink; only before ``start()``."""

@@ -41,6 +41,7 @@ class Target:
         "record",
         "skipped_ticks",
         "state",
+        "state_changed",
     )
 
     def __init__(self, record: DeviceRecord) -> None:
@@ -57,6 +58,8 @@ class Target:
         self.last_poll_at: float | None = None
         self.latest: Reading | None = None
         self.dirty = False
+        self.state_changed = True
+        """Set on each state change; the live-state writer clears it."""
 
     @property
     def cloud_id(self) -> str:
