@@ -16,7 +16,9 @@ devices the counters do not cost a document per poll. The in-memory status
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -91,15 +93,21 @@ class LiveState:
                 await self._write(self._targets(), self._targets())
                 waiting.clear()
                 self._counters_at = now
-            elif final or now - self._counters_at >= self._counters_every_s:
+            elif final:
                 await self._write(dirty, list(waiting.values()))
                 waiting.clear()
-                self._counters_at = now
             else:
+                # State changes at once; counters oldest first, a slice per
+                # flush, so each waits about counters_every_s and no flush
+                # writes the whole fleet at once (a 150 ms stall at 10k).
                 changed = [t for t in dirty if t.state_changed]
                 for t in changed:
                     waiting.pop(id(t), None)
-                await self._write(dirty, changed)
+                span = max(now - self._counters_at, 1e-3)
+                self._counters_at = now
+                quota = math.ceil(len(waiting) * min(1.0, span / self._counters_every_s))
+                due = [waiting.pop(k) for k in list(itertools.islice(waiting, quota))]
+                await self._write(dirty, changed + due)
             self._needs_rebuild = False
             if not self.up:
                 log.info("redis live state: writing")
