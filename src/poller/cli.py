@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from poller import __version__, config, logs
+from poller import __version__, argtypes, config, logs
 from poller.config import Settings
 from poller.errors import PollerError, UsageError
 
@@ -91,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("simulate", "run a simulated fleet of EAGLE gateways (both protocols) with "
             "fault injection", c.simulate)
-    p.add_argument("--devices", type=_count, default=1000, help="fleet size (default 1000)")
+    p.add_argument("--devices", type=argtypes.count, default=1000, help="fleet size (default 1000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--port", type=_port, default=0, help="port; 0 picks a free one")
+    p.add_argument("--port", type=argtypes.port, default=0, help="port; 0 picks a free one")
     p.add_argument("--seed", type=int, default=0, help="values, faults and passwords derive "
                    "from it")
-    p.add_argument("--interval", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--interval", type=argtypes.seconds, default=None, metavar="SECONDS",
                    help="expected poll interval, for the jitter report")
     p.add_argument("--fault", action="append", default=[], metavar="KIND=RATE",
                    help="per-request fault probability, e.g. --fault http_5xx=0.01; kinds: "
@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the bound port here once listening")
 
     p = cmd("replay", "reload Postgres from the S3 archive (idempotent)", c.replay)
-    p.add_argument("--since", type=_moment, required=True, metavar="TIME",
+    p.add_argument("--since", type=argtypes.moment, required=True, metavar="TIME",
                    help="first tick time to load: ISO 8601 (UTC if no offset) or Unix seconds")
-    p.add_argument("--until", type=_moment, required=True, metavar="TIME",
+    p.add_argument("--until", type=argtypes.moment, required=True, metavar="TIME",
                    help="load tick times before this")
     p.add_argument("--prefix", default=None, help="archive key prefix (default s3.prefix)")
 
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
             "2 CRITICAL, 3 UNKNOWN)", c.check)
     p.add_argument("--url", default=None, help="API base URL (default from api.host/port); "
                    "the read token comes from POLLER_API_TOKEN or the configuration")
-    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=argtypes.seconds, default=5.0, metavar="SECONDS")
     from poller.check import Thresholds
 
     defaults = Thresholds()
@@ -141,39 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _moment(text: str) -> Any:
-    from datetime import UTC, datetime
-
-    try:
-        return datetime.fromtimestamp(float(text), UTC)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ISO 8601 or Unix seconds, got {text!r}") \
-            from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {value}")
-    return value
 
 
 def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
@@ -182,7 +153,7 @@ def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--driver", default="eagle-cloud" if adding else None,
                    help="eagle-cloud (default), eagle-local or http-json")
     p.add_argument("--url", default=None, help="device or API base URL")
-    p.add_argument("--interval", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--interval", type=argtypes.seconds, default=None, metavar="SECONDS",
                    help="poll interval (default: polling.interval_s)")
     p.add_argument("--field", action="append", default=None, metavar="NAME=/json/pointer",
                    help="http-json: where a reading field lives in the answer (repeatable)")
@@ -197,15 +168,6 @@ def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
         state.add_argument("--disable", dest="enabled", action="store_false")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") \
-            from None
-    if value != value or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from poller import argtypes
 from poller.bench import storage
 from poller.bench.children import BenchError, Child, http_json, http_text, wait_http
 from poller.bench.measure import Scrape, parse_metrics, process_cpu_s, rss_bytes, tree_cpu_s
@@ -51,13 +52,13 @@ _DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's flags. ``--state-dir`` is the common flag: when not given the
     bench uses ``STATE_DIR/bench`` so it never touches ``make run``'s data."""
-    parser.add_argument("--devices", type=_positive_int, default=10_000,
+    parser.add_argument("--devices", type=argtypes.count, default=10_000,
                         help="fleet size (default 10000)")
-    parser.add_argument("--interval", type=_positive, default=6.0, metavar="SECONDS",
+    parser.add_argument("--interval", type=argtypes.seconds, default=6.0, metavar="SECONDS",
                         help="poll interval (default 6)")
-    parser.add_argument("--duration", type=_positive, default=60.0, metavar="SECONDS",
+    parser.add_argument("--duration", type=argtypes.seconds, default=60.0, metavar="SECONDS",
                         help="measured window (default 60)")
-    parser.add_argument("--warmup", type=_positive, default=None, metavar="SECONDS",
+    parser.add_argument("--warmup", type=argtypes.seconds, default=None, metavar="SECONDS",
                         help="warm-up before the window (default two intervals)")
     parser.add_argument("--json", type=Path, default=Path("bench-out/bench.json"),
                         metavar="PATH", help="write the results here (default "
@@ -65,11 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chart", type=Path, default=None, metavar="PATH",
                         help="PNG of lateness and throughput (default: next to the JSON)")
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk floor")
-    parser.add_argument("--floor-duration", type=_positive, default=10.0, metavar="SECONDS",
+    parser.add_argument("--floor-duration", type=argtypes.seconds, default=10.0, metavar="SECONDS",
                         help="how long wrk runs (default 10)")
     parser.add_argument("--no-rss-slope", action="store_true",
                         help="skip the second, smaller run that gives RSS per device")
-    parser.add_argument("--small-devices", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--small-devices", type=argtypes.count, default=None, metavar="N",
                         help="fleet size of the RSS-slope run (default devices/4)")
     parser.add_argument("--sweep", action="store_true",
                         help="raise the fleet (doubling, then bisecting) until p99 lateness "
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-stack", action="store_true",
                         help="leave the embedded servers running at the end")
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
-    parser.add_argument("--sample-every", type=_positive, default=1.0, metavar="SECONDS",
+    parser.add_argument("--sample-every", type=argtypes.seconds, default=1.0, metavar="SECONDS",
                         help="how often to scrape /metrics during the window (default 1)")
 
 
@@ -511,21 +512,5 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.4%}"
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
