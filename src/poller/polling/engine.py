@@ -37,7 +37,8 @@ class PollingEngine:
             "eagle-local": self.fast,
             "http-json": self._general_adapter,
         }
-        self.pool = DevicePool(settings, sink, transports, seed=seed, wall_clock=wall_clock)
+        self.pool = DevicePool(settings, sink, transports, seed=seed, wall_clock=wall_clock,
+                               wheel_resolution_s=settings.wheel_resolution_s)
         self.watcher = RegistryWatcher(database_url, box, self.pool, settings.resync_interval_s)
         self._started = False
 
