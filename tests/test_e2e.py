@@ -378,3 +378,22 @@ async def test_replay_cli_restores_the_table_from_the_archive(run: Run) -> None:
         assert [tuple(r) for r in again] == [tuple(r) for r in full]
     finally:
         await conn.close()
+
+
+async def test_redis_counters_continue_across_restarts(run: Run) -> None:
+    await _serve_for(run, 1.5)
+    await _serve_for(run, 1.5)
+    conn = await asyncpg.connect(run.settings.database.url)
+    try:
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id "
+            "WHERE d.cloud_id = 'f00002'")
+    finally:
+        await conn.close()
+    client = aioredis.from_url(run.settings.redis.url)
+    try:
+        doc = orjson.loads(await client.hget(keys.STATE, "f00002"))
+    finally:
+        await client.aclose()
+    assert stored > 3
+    assert doc["total_events_logged"] == stored  # the second run added to the first

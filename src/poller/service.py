@@ -107,7 +107,7 @@ class Service:
         stats = pool.stats
         totals = stats.outcome_counts()
         rates = self._rates(totals)
-        expected = sum(1.0 / lp.target.record.interval_s for lp in pool.loops.values())
+        expected = pool.expected_polls_per_s()
         up = self.uploader.stats() if self.uploader is not None else None
         spool_bytes, disk_used = self.ingest.spool.disk_usage()
         return FleetSnapshot(

@@ -28,10 +28,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from poller import keys
+from poller.polling.stats import OUTCOME_INDEX
 from poller.polling.target import Target
 from poller.reading import Reading
 
 log = logging.getLogger("poller.livestate")
+_OUTCOME_BY_NAME = {o.value: i for o, i in OUTCOME_INDEX.items()}
+_COUNTERS = ("total_events_logged", "first_timestamp", "last_timestamp", "failures")
 
 
 def reading_doc(r: Reading) -> bytes:
@@ -123,6 +126,9 @@ class LiveState:
             self._needs_rebuild = True
 
     async def _load_baseline(self) -> dict[str, dict[str, Any]]:
+        """What Redis counted before this process started, per device: only the
+        counters (a few numbers each), folded into each target on its first
+        write and then dropped."""
         assert self._client is not None
         raw = await self._client.hgetall(keys.STATE)
         baseline: dict[str, dict[str, Any]] = {}
@@ -132,7 +138,8 @@ class LiveState:
             except orjson.JSONDecodeError:
                 continue  # a corrupt entry is rewritten from memory
             if isinstance(parsed, dict):
-                baseline[cloud_id.decode() if isinstance(cloud_id, bytes) else cloud_id] = parsed
+                name = cloud_id.decode() if isinstance(cloud_id, bytes) else cloud_id
+                baseline[name] = {k: parsed.get(k) for k in _COUNTERS}
         return baseline
 
     async def _write(self, fresh: list[Target], documents: list[Target]) -> None:
@@ -147,18 +154,10 @@ class LiveState:
                 latest[t.cloud_id] = reading_doc(t.latest)
         for t in documents:
             t.state_changed = False
-            snap = t.snapshot()
-            base = baseline.get(t.cloud_id)
+            base = baseline.pop(t.cloud_id, None)
             if base:
-                snap["total_events_logged"] += int(base.get("total_events_logged") or 0)
-                if base.get("first_timestamp") is not None:
-                    snap["first_timestamp"] = base["first_timestamp"]
-                if snap["last_timestamp"] is None:
-                    snap["last_timestamp"] = base.get("last_timestamp")
-                base_failures = base.get("failures") or {}
-                if isinstance(base_failures, dict):
-                    for outcome, n in base_failures.items():
-                        snap["failures"][outcome] = snap["failures"].get(outcome, 0) + int(n)
+                _fold(t, base)
+            snap = t.snapshot()
             state[t.cloud_id] = orjson.dumps(snap)
             if snap["failures"] and (self._needs_rebuild or t.last_outcome != "ok"):
                 pipe.hset(keys.failures(t.cloud_id), mapping=snap["failures"])
@@ -168,3 +167,23 @@ class LiveState:
             pipe.hset(keys.LATEST, mapping=latest)  # type: ignore[arg-type]
         if state or latest:
             await pipe.execute()
+
+
+def _fold(t: Target, base: dict[str, Any]) -> None:
+    """Add what Redis counted before this process started into the target's
+    own counters, once; from then on the target carries the whole count."""
+    try:
+        t.readings += int(base.get("total_events_logged") or 0)
+        first, last = base.get("first_timestamp"), base.get("last_timestamp")
+        if isinstance(first, int | float):
+            t.first_reading_at = float(first)
+        if t.last_reading_at is None and isinstance(last, int | float):
+            t.last_reading_at = float(last)
+        failures = base.get("failures")
+        if isinstance(failures, dict):
+            for outcome, n in failures.items():
+                index = _OUTCOME_BY_NAME.get(outcome)
+                if index is not None:
+                    t.outcomes[index] += int(n)
+    except (TypeError, ValueError):
+        log.warning("device %s: unreadable counters in Redis ignored", t.cloud_id)

@@ -253,6 +253,9 @@ class DevicePool:
     def targets(self) -> list[Target]:
         return [lp.target for lp in self.loops.values()] + list(self.rejected.values())
 
+    def expected_polls_per_s(self) -> float:
+        return sum(1.0 / lp.target.record.interval_s for lp in self.loops.values())
+
     def devices_by_state(self) -> dict[str, int]:
         counts = {s.value: 0 for s in DeviceState}
         for target in self.targets():
