@@ -34,6 +34,8 @@ from poller.reading import Reading
 
 log = logging.getLogger("poller.livestate")
 _OUTCOME_BY_NAME = {o.value: i for o, i in OUTCOME_INDEX.items()}
+_SLICE = 2000
+"""Devices per pipeline when the whole fleet is written (after an outage)."""
 _COUNTERS = ("total_events_logged", "first_timestamp", "last_timestamp", "failures")
 
 
@@ -93,7 +95,10 @@ class LiveState:
             if self._baseline is None:
                 self._baseline = await self._load_baseline()
             if self._needs_rebuild:
-                await self._write(self._targets(), self._targets())
+                everyone = self._targets()
+                for start in range(0, len(everyone), _SLICE):
+                    part = everyone[start:start + _SLICE]
+                    await self._write(part, part)
                 waiting.clear()
                 self._counters_at = now
             elif final:

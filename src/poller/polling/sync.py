@@ -24,6 +24,7 @@ from poller.sealing import SecretBox
 log = logging.getLogger("poller.polling")
 _DEBOUNCE_S = 0.05
 _RETRY_MAX_S = 30.0
+_SLICE = 2000
 
 
 class RegistryWatcher:
@@ -132,8 +133,11 @@ class RegistryWatcher:
         for device_id in running:
             if device_id not in versions:
                 self._pool.update(device_id, None)
-        if changed:
-            specs = await registry.specs(ids=changed)
-            for device_id in changed:
+        # In slices: at 100k devices one query and one dict of every record
+        # and opened secret is a peak the process keeps as RSS afterwards.
+        for start in range(0, len(changed), _SLICE):
+            ids = changed[start:start + _SLICE]
+            specs = await registry.specs(ids=ids)
+            for device_id in ids:
                 self._pool.update(device_id, specs.get(device_id))
         self.resyncs += 1
