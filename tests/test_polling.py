@@ -190,6 +190,12 @@ async def test_fault_gives_outcome_state_and_spares_the_rest(
         ks = [round((t - seen[0]) / interval) for t in seen]
         assert ks == list(range(len(ks))), "a healthy device missed a tick"
     assert rig.pool.stats.outcome_counts()[outcome] >= 3
+    _assert_state_counts(rig)
+
+
+def _assert_state_counts(rig: Rig) -> None:
+    recount = collections.Counter(t.state.value for t in rig.pool.targets())
+    assert rig.pool.devices_by_state() == {s.value: recount[s.value] for s in DeviceState}
 
 
 async def test_recovery_on_first_success(rig: Rig) -> None:
@@ -231,6 +237,7 @@ async def test_sync_starts_and_stops_the_difference(rig: Rig) -> None:
     res = rig.pool.sync(smaller)
     assert res.stopped == 4 and res.started == 0
     assert sorted(rig.pool.loops) == sorted(smaller)
+    _assert_state_counts(rig)
     await asyncio.sleep(0.7)
     assert {r.device_id for r in rig.sink.readings[-6:]} <= set(smaller)
 
@@ -243,4 +250,11 @@ async def test_config_error_is_data_not_a_crash(rig: Rig) -> None:
     assert res.rejected == 1
     t = rig.pool.rejected[1]
     assert t.last_outcome == "config_error"
+    _assert_state_counts(rig)
+    rig.pool.sync({1: (bad_rec, bad_spec)})
+    rig.pool.sync({1: (replace(bad_rec, updated_at=T0.replace(year=2027)), bad_spec)})
+    _assert_state_counts(rig)
+    assert rig.pool.devices_by_state()["failing"] == 1
+    rig.pool.sync({})
+    assert sum(rig.pool.devices_by_state().values()) == 0
     assert t.last_error

@@ -239,10 +239,15 @@ class DeviceLoop:
 
     def _transition(self, state: DeviceState, outcome: str, message: str | None) -> None:
         target = self.target
-        previous = target.state
-        target.state = state
         target.last_outcome = outcome
         target.last_error = message
+        if self._stopped:
+            return  # a poll that ends after stop() leaves the device stopped
+        previous = target.state
+        target.state = state
+        counts = self._pool.state_counts
+        counts[previous] -= 1
+        counts[state] += 1
         if state is DeviceState.OK:
             target.consecutive_failures = 0
         target.state_changed = True

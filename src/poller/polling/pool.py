@@ -83,6 +83,7 @@ class DevicePool:
         self.dirty: list[Target] = []
         self._waiting: collections.deque[DeviceLoop] = collections.deque()
         self._stopping: set[asyncio.Future[None]] = set()
+        self.state_counts: collections.Counter[DeviceState] = collections.Counter()
         self._log_window_at = 0.0
         self._log_count = 0
         self._log_suppressed = 0
@@ -182,7 +183,9 @@ class DevicePool:
         current = self.loops.get(device_id)
         previous = current.target if current is not None else self.rejected.get(device_id)
         if entry is None:
-            self.rejected.pop(device_id, None)
+            gone = self.rejected.pop(device_id, None)
+            if gone is not None:
+                self.state_counts[gone.state] -= 1
             if current is None:
                 return ""
             self._stop_loop(device_id)
@@ -195,11 +198,14 @@ class DevicePool:
             target.inherit(previous)
         if current is not None:
             self._stop_loop(device_id)
+        elif previous is not None:
+            del self.rejected[device_id]
+            self.state_counts[previous.state] -= 1
         made = self._make_loop(target, spec)
         if made is None:
             return "rejected"
         self.loops[device_id] = made
-        self.rejected.pop(device_id, None)
+        self.state_counts[target.state] += 1
         made.start()
         return "restarted" if current is not None else "started"
 
@@ -214,6 +220,7 @@ class DevicePool:
             target.last_outcome = "config_error"
             target.last_error = str(exc)[:200]
             self.rejected[record.id] = target
+            self.state_counts[target.state] += 1
             self.mark_dirty(target)
             log.warning("device %s not polled: %s", record.cloud_id, target.last_error)
             return None
@@ -229,6 +236,7 @@ class DevicePool:
 
     def _stop_loop(self, device_id: int) -> None:
         device_loop = self.loops.pop(device_id)
+        self.state_counts[device_loop.target.state] -= 1
         waiter = device_loop.stop()
         self.mark_dirty(device_loop.target)
         self._stopping.add(waiter)
@@ -257,7 +265,6 @@ class DevicePool:
         return sum(1.0 / lp.target.record.interval_s for lp in self.loops.values())
 
     def devices_by_state(self) -> dict[str, int]:
-        counts = {s.value: 0 for s in DeviceState}
-        for target in self.targets():
-            counts[target.state.value] += 1
-        return counts
+        """Devices per state, kept as states change: no walk over the fleet."""
+        counts = self.state_counts
+        return {s.value: counts[s] for s in DeviceState}
