@@ -258,3 +258,26 @@ async def test_config_error_is_data_not_a_crash(rig: Rig) -> None:
     rig.pool.sync({})
     assert sum(rig.pool.devices_by_state().values()) == 0
     assert t.last_error
+
+
+async def test_our_own_overload_skips_ticks_and_blames_no_device(rig: Rig) -> None:
+    # One connection for the whole fleet and a device that answers late:
+    # the others' polls expire in our queue before anything is sent.
+    one = FastHttpClient(max_connections_per_host=1)
+    pool = DevicePool(rig.pool.settings, rig.sink, {"eagle-cloud": one}, seed="test")
+    await pool.start()
+    try:
+        fleet = rig.fleet(20, 0.5)
+        hanging = range(1, 6)
+        rig.sim.set_faults({Fault.HANG: [fleet[i][0].cloud_id for i in hanging]})
+        pool.sync(fleet)
+        await asyncio.sleep(2.0)
+        assert pool.stats.skipped_ticks > 0
+        assert pool.stats.outcome_counts()["timeout"] > 0  # the hanging ones, sent
+        for device_id, lp in pool.loops.items():
+            if device_id not in hanging:
+                assert lp.target.state is not DeviceState.FAILING, lp.target.last_error
+                assert lp.target.outcomes[1:] == [0] * (len(lp.target.outcomes) - 1)
+    finally:
+        await pool.stop(1.0)
+        await one.close()

@@ -33,6 +33,7 @@ from poller.transport import (
     TransportConnectError,
     TransportPoolFull,
     TransportProtocolError,
+    TransportQueueTimeout,
     TransportTimeout,
     prepare,
 )
@@ -671,11 +672,12 @@ async def test_waiters_are_bounded_and_time_out(
         assert client.stats().waiters == 1
         with pytest.raises(TransportPoolFull):
             await client.fetch(get(server.url("/ok")), 1.0)
-        with pytest.raises(TransportTimeout, match="waiting for a connection"):
+        with pytest.raises(TransportQueueTimeout, match="waiting for a connection"):
             await waiting
         assert client.stats().waiters == 0
-        with pytest.raises(TransportTimeout):
+        with pytest.raises(TransportTimeout) as sent:
             await hung
+        assert not isinstance(sent.value, TransportQueueTimeout)  # it reached the server
         assert (await client.fetch(get(server.url("/ok")), 1.0)).body == b"ok"
     finally:
         await client.close()

@@ -35,6 +35,7 @@ from poller.reading import Reading
 from poller.transport.errors import (
     TransportConnectError,
     TransportProtocolError,
+    TransportQueueTimeout,
     TransportTimeout,
 )
 
@@ -201,6 +202,14 @@ class DeviceLoop:
         self._end_poll(received, 0.0)
 
     def _on_transport_error(self, exc: BaseException) -> None:
+        if isinstance(exc, TransportQueueTimeout):
+            # Nothing reached the device: we are overloaded. Skip the tick
+            # (counted) instead of blaming the device and backing it off.
+            pool = self._pool
+            pool.stats.skipped_ticks += 1
+            self.target.skipped_ticks += 1
+            self._end_poll(pool.wall_now(), 0.0)
+            return
         if isinstance(exc, TransportTimeout):
             self._finish_failure(_I_TIMEOUT, "no answer within the poll timeout")
         elif isinstance(exc, TransportConnectError):

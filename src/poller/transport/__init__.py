@@ -23,6 +23,7 @@ from poller.transport.errors import (
     TransportError,
     TransportPoolFull,
     TransportProtocolError,
+    TransportQueueTimeout,
     TransportTimeout,
 )
 from poller.transport.fasthttp import FastHttpClient, TransportStats
@@ -48,6 +49,7 @@ __all__ = [
     "TransportError",
     "TransportPoolFull",
     "TransportProtocolError",
+    "TransportQueueTimeout",
     "TransportStats",
     "TransportTimeout",
     "prepare",

@@ -18,6 +18,11 @@ class TransportTimeout(TransportError):
     """The request deadline (connect + send + receive) passed."""
 
 
+class TransportQueueTimeout(TransportTimeout):
+    """The deadline passed while the request still waited for a connection of
+    ours: nothing was sent, the device is not at fault (we are overloaded)."""
+
+
 class TransportConnectError(TransportError):
     """No usable connection: refused, unreachable, DNS, TLS handshake, or the
     server closed the connection before sending any byte of the response."""

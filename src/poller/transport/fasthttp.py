@@ -40,6 +40,7 @@ from poller.transport.connection import HttpConnection, OnDone
 from poller.transport.errors import (
     TransportConnectError,
     TransportPoolFull,
+    TransportQueueTimeout,
     TransportTimeout,
 )
 from poller.transport.prepared import PreparedRequest, prepare
@@ -399,14 +400,15 @@ class FastHttpClient:
         if pending.task is not None:
             self._abandon_connect(pending)
             self._slot_freed(pool)
-            what = "connecting to"
-        else:
-            del pool.waiters[pending]
-            self._n_waiters -= 1
-            if not pool.waiters:
-                self._starved.pop(pool, None)
-            what = "waiting for a connection to"
-        self.deliver(pending.on_done, TransportTimeout(f"deadline passed {what} {pool.key}"))
+            self.deliver(pending.on_done,
+                         TransportTimeout(f"deadline passed connecting to {pool.key}"))
+            return
+        del pool.waiters[pending]
+        self._n_waiters -= 1
+        if not pool.waiters:
+            self._starved.pop(pool, None)
+        self.deliver(pending.on_done, TransportQueueTimeout(
+            f"deadline passed waiting for a connection to {pool.key}"))
 
     def _open(self, pool: _HostPool, pending: _Pending) -> None:
         """Connect for ``pending``; its slot is already taken."""
