@@ -66,6 +66,16 @@ def test_encode_decode_round_trip_and_json_form() -> None:
                      "received_wh": None, "price": 0.11, "cloud_id": "dev-1"}
     assert decode_rows(data) == rows
     assert decode_rows(b"") == []
+    assert encode_rows([]) == b""
+
+
+def test_encoding_survives_ids_that_look_like_separators() -> None:
+    rows = make_rows(4, H0 + 1.5)
+    rows[1] = rows[1]._replace(cloud_id='a},{"b":1},{')
+    rows[2] = rows[2]._replace(cloud_id="line\nbreak")
+    data = encode_rows(rows)
+    assert len(data.splitlines()) == 4
+    assert decode_rows(data) == rows
 
 
 def test_segment_names_parse_back() -> None:

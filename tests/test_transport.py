@@ -683,6 +683,33 @@ async def test_waiters_are_bounded_and_time_out(
         await client.close()
 
 
+async def test_waiter_left_too_little_time_is_our_timeout_not_the_servers(
+    raw_servers: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    # A slow answer holds the only connection for 0.25 s; the waiter then has
+    # 0.1 s left, less than one deadline slot (0.2 s), so it must fail as our
+    # queue's timeout rather than be sent and blamed on the server.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (target := await read_request(reader)) is not None:
+            if target == "/slow":
+                await asyncio.sleep(0.25)
+            writer.write(ok_response())
+
+    server = await raw_servers(handler)
+    client = FastHttpClient(max_connections_per_host=1, deadline_resolution_s=0.2)
+    try:
+        slow = asyncio.ensure_future(client.fetch(get(server.url("/slow")), 2.0))
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(client.fetch(get(server.url("/ok")), 0.35))
+        assert (await slow).body == b"ok"
+        with pytest.raises(TransportQueueTimeout, match="deadline too close"):
+            await waiting
+        assert client.stats().waiters == 0
+        assert (await client.fetch(get(server.url("/ok")), 1.0)).body == b"ok"
+    finally:
+        await client.close()
+
+
 async def test_global_cap_moves_connections_between_hosts(
     raw_servers: Callable[[Handler], Awaitable[RawServer]],
 ) -> None:

@@ -47,6 +47,22 @@ def reading_doc(r: Reading) -> bytes:
     })
 
 
+def reading_docs(readings: list[Reading]) -> list[bytes]:
+    """``[reading_doc(r) for r in readings]`` in one ``dumps`` call (a third of
+    the cost): the documents hold numbers and nulls only, so the separators
+    between them in the array are exactly the ``},{`` in its text."""
+    if not readings:
+        return []
+    array = orjson.dumps([
+        {"tick_at": b, "device_at": c, "received_at": d, "demand_w": e, "delivered_wh": f,
+         "received_wh": g, "price": h}
+        for _, b, c, d, e, f, g, h, _ in readings])
+    docs = array[2:-2].split(b"},{")
+    if len(docs) != len(readings):  # not numbers after all: one at a time
+        return [reading_doc(r) for r in readings]
+    return [b"{" + doc + b"}" for doc in docs]
+
+
 class LiveState:
     def __init__(self, redis_url: str, targets: Callable[[], list[Target]],
                  take_dirty: Callable[[], list[Target]], *,
@@ -151,12 +167,11 @@ class LiveState:
         """Latest readings of ``fresh``; status documents of ``documents``."""
         assert self._client is not None and self._baseline is not None
         baseline = self._baseline
-        latest: dict[str, bytes] = {}
         state: dict[str, bytes] = {}
         pipe = self._client.pipeline(transaction=False)
-        for t in fresh:
-            if t.latest is not None:
-                latest[t.cloud_id] = reading_doc(t.latest)
+        polled = [t for t in fresh if t.latest is not None]
+        docs = reading_docs([t.latest for t in polled])  # type: ignore[misc]
+        latest = {t.cloud_id: doc for t, doc in zip(polled, docs, strict=True)}
         for t in documents:
             t.state_changed = False
             base = baseline.pop(t.cloud_id, None)

@@ -116,14 +116,22 @@ def parse_segment_name(name: str) -> tuple[str, int, int, bool] | None:
 
 def encode_rows(rows: Sequence[Reading]) -> bytes:
     """NDJSON, one object per reading with the Reading field names."""
-    dumps = orjson.dumps
-    opt = _APPEND_NEWLINE
-    # A dict display is the cheapest dict orjson can be handed (measured).
-    return b"".join([
-        dumps({"device_id": a, "tick_at": b, "device_at": c, "received_at": d,
-               "demand_w": e, "delivered_wh": f, "received_wh": g, "price": h,
-               "cloud_id": i}, option=opt)
+    if not rows:
+        return b""
+    # One dumps() over the batch costs 0.6 µs a row, one per row 2 µs
+    # (measured): encode the batch as an array and turn the separators
+    # between its flat objects into newlines. A string holding "},{" would
+    # break that; registered ids cannot, but check and fall back anyway.
+    array = orjson.dumps([
+        {"device_id": a, "tick_at": b, "device_at": c, "received_at": d, "demand_w": e,
+         "delivered_wh": f, "received_wh": g, "price": h, "cloud_id": i}
         for a, b, c, d, e, f, g, h, i in rows])
+    body = array[1:-1]
+    if body.count(b"},{") == len(rows) - 1:
+        return body.replace(b"},{", b"}\n{") + b"\n"
+    dumps = orjson.dumps
+    return b"".join([dumps(dict(zip(Reading._fields, r, strict=True)), option=_APPEND_NEWLINE)
+                     for r in rows])
 
 
 def decode_rows(ndjson: bytes) -> list[Reading]:

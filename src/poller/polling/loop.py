@@ -48,6 +48,7 @@ _I_TIMEOUT = OUTCOME_INDEX[Outcome.TIMEOUT]
 _I_CONNECT = OUTCOME_INDEX[Outcome.CONNECT_ERROR]
 _I_UNPARSEABLE = OUTCOME_INDEX[Outcome.UNPARSEABLE]
 _MAX_ERROR_LEN = 200
+_new_tuple = tuple.__new__
 
 
 class CallbackTransport(Protocol):
@@ -61,8 +62,8 @@ class CallbackTransport(Protocol):
 class DeviceLoop:
     __slots__ = (
         "_counts", "_deadline", "_due", "_in_flight", "_index", "_interval", "_phase", "_polls",
-        "_pool", "_prep_cache", "_session", "_stop_waiter", "_stopped", "_transport",
-        "target",
+        "_pool", "_prep_cache", "_session", "_stop_waiter", "_stopped", "_timeout",
+        "_timeout_for", "_transport", "target",
     )
 
     def __init__(self, pool: DevicePool, target: Target, session: DeviceSession,
@@ -82,6 +83,9 @@ class DeviceLoop:
         self._stop_waiter: asyncio.Future[None] | None = None
         self._prep_cache: tuple[HttpRequest, Any, HttpRequest, Any] | None = None
         self._counts = pool.stats.driver_outcomes(target.record.driver)
+        self._timeout_for = -1.0
+        """The pool's timeout setting ``_timeout`` was computed for."""
+        self._timeout = 0.0
 
     @property
     def in_flight(self) -> bool:
@@ -135,12 +139,15 @@ class DeviceLoop:
 
     def begin(self) -> None:
         pool = self._pool
+        if pool.timeout_s != self._timeout_for:  # first poll, or a SIGHUP changed it
+            self._timeout_for = pool.timeout_s
+            self._timeout = pool.timeout_for(self._interval)
         now = pool.loop_time()
         pool.stats.lateness.record(now - self._due)
         pool.stats.polls_started += 1
         pool.in_flight += 1
         self._in_flight = True
-        self._deadline = self._due + pool.timeout_for(self._interval)
+        self._deadline = self._due + self._timeout
         self._polls += 1
         with_totals = self._polls % pool.totals_every == 1 or pool.totals_every == 1
         try:
@@ -180,11 +187,12 @@ class DeviceLoop:
             return
         pool = self._pool
         target = self.target
-        received = pool.wall_now()
-        tick_at = schedule.tick_time(self._index, self._interval, self._phase)
-        reading = Reading(target.record.id, tick_at, step.device_at, received, step.demand_w,
-                          step.delivered_wh, step.received_wh, step.price,
-                          target.record.cloud_id)
+        received = pool.loop_time() + pool.wall_offset
+        # schedule.tick_time and Reading(...), inlined: this runs per poll.
+        tick_at = round(self._index * self._interval + self._phase, 6)
+        reading = _new_tuple(Reading, (target.record.id, tick_at, step.device_at, received,
+                                       step.demand_w, step.delivered_wh, step.received_wh,
+                                       step.price, target.record.cloud_id))
         pool.sink_accept(reading)
         target.latest = reading
         target.outcomes[OK_INDEX] += 1

@@ -79,6 +79,7 @@ class DevicePool:
         self.totals_every = settings.totals_every
         self.backoff_max_s = settings.backoff_max_s
         self.auth_failed_interval_s = settings.auth_failed_interval_s
+        self.timeout_s = settings.timeout_s
         self.outcome_names = tuple(o.value for o in OUTCOMES)
         self.dirty: list[Target] = []
         self._waiting: collections.deque[DeviceLoop] = collections.deque()
@@ -100,6 +101,7 @@ class DevicePool:
         self.totals_every = settings.totals_every
         self.backoff_max_s = settings.backoff_max_s
         self.auth_failed_interval_s = settings.auth_failed_interval_s
+        self.timeout_s = settings.timeout_s
         self.slot_freed()
 
     def log_transition(self, cloud_id: str, previous: str, state: str, outcome: str,

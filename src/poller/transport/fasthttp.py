@@ -14,8 +14,10 @@ that grows without limit. When only the global cap blocks a host, the least
 recently used idle connection of another host is closed to make room.
 
 Each request has one deadline covering waiting, connecting (TLS included),
-sending and receiving, enforced by a single ``loop.call_at`` timer. On timeout
-the connection is closed, never reused.
+sending and receiving. On a connection it is an entry in one timing wheel of
+``deadline_resolution_s`` slots (a deadline fires at most that late); while
+waiting or connecting, a ``loop.call_at`` timer. On timeout the connection is
+closed, never reused.
 
 If the server closes a reused connection before any byte of the response
 arrived (an idle keep-alive race), the request is retried once on a fresh
@@ -31,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import OrderedDict
 from functools import partial
 from typing import NamedTuple
 
 from poller.drivers.base import HttpRequest, HttpResponse
+from poller.polling.wheel import TimingWheel
 from poller.transport.connection import HttpConnection, OnDone
 from poller.transport.errors import (
     TransportConnectError,
@@ -122,6 +126,7 @@ class FastHttpClient:
         max_head_bytes: int = 64 << 10,
         ssl_context: ssl.SSLContext | None = None,
         prepared_cache_size: int = 200_000,
+        deadline_resolution_s: float = 0.05,
     ) -> None:
         for name, value in (
             ("max_connections_per_host", max_connections_per_host),
@@ -134,6 +139,11 @@ class FastHttpClient:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if max_waiters < 0:
             raise ValueError(f"max_waiters must not be negative, got {max_waiters}")
+        if deadline_resolution_s <= 0:
+            raise ValueError(f"deadline_resolution_s must be positive, got "
+                             f"{deadline_resolution_s}")
+        self._deadline_res = deadline_resolution_s
+        self._deadlines: TimingWheel | None = None
         self._per_host = max_connections_per_host
         self._max_open = max_connections
         self._max_waiters = max_waiters
@@ -244,6 +254,8 @@ class FastHttpClient:
             else:
                 self.discard(conn)
         self._starved.clear()
+        if self._deadlines is not None:
+            self._deadlines.close()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -266,8 +278,8 @@ class FastHttpClient:
             self.discard(conn)
             return
         pool = self._pools[conn.pool_key]
-        if pool.waiters:
-            pending = self._pop_waiter(pool)
+        pending = self._pop_waiter(pool) if pool.waiters else None
+        if pending is not None:
             self._cancel_timer(pending)
             conn.send(pending.prepared, pending.deadline, pending.on_done)
             return
@@ -303,6 +315,7 @@ class FastHttpClient:
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
+        self._deadlines = TimingWheel(self._loop, self._deadline_res)
         return self._loop
 
     def _new_pool(self, prepared: PreparedRequest) -> _HostPool:
@@ -373,15 +386,31 @@ class FastHttpClient:
 
     def _connect_waiter(self, pool: _HostPool) -> None:
         pending = self._pop_waiter(pool)
-        self._take_slot(pool)
-        self._open(pool, pending)
+        if pending is not None:
+            self._take_slot(pool)
+            self._open(pool, pending)
 
-    def _pop_waiter(self, pool: _HostPool) -> _Pending:
-        pending = pool.waiters.popitem(last=False)[0]
-        self._n_waiters -= 1
-        if not pool.waiters:
+    def _pop_waiter(self, pool: _HostPool) -> _Pending | None:
+        """The first waiter with time left to be served, or None.
+
+        A waiter whose deadline is less than a deadline slot away fails with
+        TransportQueueTimeout here: sending it now would charge the device
+        with a timeout that our queue caused."""
+        waiters = pool.waiters
+        soon = time.monotonic() + self._deadline_res
+        found: _Pending | None = None
+        while waiters:
+            pending = waiters.popitem(last=False)[0]
+            self._n_waiters -= 1
+            if pending.deadline > soon:
+                found = pending
+                break
+            self._cancel_timer(pending)
+            self.deliver(pending.on_done, TransportQueueTimeout(
+                f"deadline too close after waiting for a connection to {pool.key}"))
+        if not waiters:
             self._starved.pop(pool, None)
-        return pending
+        return found
 
     def _arm_timer(self, pending: _Pending) -> None:
         loop = self._loop
@@ -413,8 +442,8 @@ class FastHttpClient:
     def _open(self, pool: _HostPool, pending: _Pending) -> None:
         """Connect for ``pending``; its slot is already taken."""
         loop = self._loop
-        assert loop is not None
-        conn = HttpConnection(self, loop, pool.key, self._max_body, self._max_head)
+        assert loop is not None and self._deadlines is not None
+        conn = HttpConnection(self, self._deadlines, pool.key, self._max_body, self._max_head)
         pending.conn = conn
         task = loop.create_task(self._connect(pool, pending, conn))
         pending.task = task
