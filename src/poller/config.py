@@ -91,7 +91,7 @@ class PollingSettings:
                                "base URL of the Rainforest cloud API", form="url")
     phase_seed: str = _opt("", "mixed into each device's phase hash; empty: instance_id")
     resync_interval_s: float = _opt(30.0, "full registry resync period", min=1, max=86400)
-    wheel_resolution_s: float = _opt(0.005, "tick granularity: devices due within one slot "
+    wheel_resolution_s: float = _opt(0.02, "tick granularity: devices due within one slot "
                                      "are dispatched together", min=0.001, max=1.0)
 
 
