@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,13 +64,21 @@ class DeviceRecord:
         }
 
 
+_NO_OPTIONS: dict[str, Any] = {}
+"""Shared by every record without options; records are never mutated."""
+
+
 def _record(row: asyncpg.Record) -> DeviceRecord:
     options = row["options"]
     if isinstance(options, str):
         options = orjson.loads(options)
-    return DeviceRecord(row["id"], row["cloud_id"], row["email"], row["driver"], row["url"],
-                        options, float(row["interval_s"]), row["enabled"],
-                        row["created_at"], row["updated_at"])
+    url = row["url"]
+    # Driver names and shared endpoint URLs repeat across a fleet: one string
+    # each instead of one per device.
+    return DeviceRecord(row["id"], row["cloud_id"], row["email"], sys.intern(row["driver"]),
+                        None if url is None else sys.intern(url), options or _NO_OPTIONS,
+                        float(row["interval_s"]), row["enabled"], row["created_at"],
+                        row["updated_at"])
 
 
 # -- validation -------------------------------------------------------------

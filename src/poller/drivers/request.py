@@ -8,6 +8,7 @@ characters a header cannot carry, absolute http(s) URLs only.
 from __future__ import annotations
 
 import re
+import sys
 from urllib.parse import urlsplit
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -46,8 +47,10 @@ def base_url(url: str, label: str) -> str:
 
 
 def endpoint_url(base: str, path: str, label: str) -> str:
-    """``base`` + ``path``, unless ``base`` already ends with ``path``."""
+    """``base`` + ``path``, unless ``base`` already ends with ``path``.
+
+    Interned: devices behind one endpoint share the string."""
     base = base_url(base, label)
     if urlsplit(base).query:
         raise ValueError(f"{label} must not have a query; it is a base URL")
-    return base if base.endswith(path) else base + path
+    return sys.intern(base if base.endswith(path) else base + path)

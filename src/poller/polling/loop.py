@@ -81,7 +81,7 @@ class DeviceLoop:
         self._in_flight = False
         self._stopped = False
         self._stop_waiter: asyncio.Future[None] | None = None
-        self._prep_cache: tuple[HttpRequest, Any, HttpRequest, Any] | None = None
+        self._prep_cache: tuple[HttpRequest, Any] | None = None
         self._counts = pool.stats.driver_outcomes(target.record.driver)
         self._timeout_for = -1.0
         """The pool's timeout setting ``_timeout`` was computed for."""
@@ -155,19 +155,20 @@ class DeviceLoop:
         except Exception as exc:  # a driver bug must not escape into the wheel
             self._finish_failure(_I_UNPARSEABLE, f"driver error: {type(exc).__name__}")
             return
-        self._send(request)
+        self._send(request, True)
 
-    def _send(self, request: HttpRequest) -> None:
+    def _send(self, request: HttpRequest, first: bool = False) -> None:
         cache = self._prep_cache
         if cache is not None and cache[0] is request:
             prepared = cache[1]
-        elif cache is not None and cache[2] is request:
-            prepared = cache[3]
         else:
             prepared = self._transport.prepared(request)
-            # Keep the last two distinct requests (demand and totals, or
-            # discovery and query): sessions reuse their request objects.
-            self._prep_cache = (request, prepared, *(cache[:2] if cache else (request, prepared)))
+            if first:
+                # Keep the bytes of the request that starts each poll (sessions
+                # reuse their request objects); a follow-up (totals, every
+                # tenth poll) is prepared when sent rather than held by every
+                # device: 400 B a device saved for 0.3 µs a poll.
+                self._prep_cache = (request, prepared)
         self._transport.start(prepared, self._deadline, self._on_done)
 
     def _on_done(self, result: HttpResponse | BaseException) -> None:

@@ -61,7 +61,7 @@ class DevicePool:
         *,
         seed: str,
         wall_clock: Callable[[], float] = time.time,
-        wheel_resolution_s: float = 0.005,
+        wheel_resolution_s: float = 0.02,
     ) -> None:
         self.settings = settings
         self._sink = sink

@@ -133,7 +133,7 @@ class FastHttpClient:
         max_body_bytes: int = 1 << 20,
         max_head_bytes: int = 64 << 10,
         ssl_context: ssl.SSLContext | None = None,
-        prepared_cache_size: int = 200_000,
+        prepared_cache_size: int = 1024,
         deadline_resolution_s: float = 0.05,
     ) -> None:
         for name, value in (
