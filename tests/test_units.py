@@ -205,3 +205,24 @@ def test_alert_thresholds_match_poller_check() -> None:
     }
     for alert, tail in expected.items():
         assert rules[alert].endswith(tail), (alert, rules[alert])
+
+
+def test_freezing_the_heap_collects_garbage_first_then_freezes() -> None:
+    import gc
+    import weakref
+
+    from poller.polling.sync import _freeze_heap
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # type: ignore[attr-defined]
+    gone = weakref.ref(a)
+    del a, b
+    try:
+        _freeze_heap()
+        assert gone() is None  # the cycle was collected, not frozen
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
+import time
 
 import asyncpg
 
@@ -25,6 +27,9 @@ log = logging.getLogger("poller.polling")
 _DEBOUNCE_S = 0.05
 _RETRY_MAX_S = 30.0
 _SLICE = 2000
+_FREEZE_AFTER = 1000
+"""Devices started by one resync (the first, or a bulk registration) after
+which the heap is frozen out of the cyclic GC."""
 
 
 class RegistryWatcher:
@@ -141,3 +146,22 @@ class RegistryWatcher:
             for device_id in ids:
                 self._pool.update(device_id, specs.get(device_id))
         self.resyncs += 1
+        if len(changed) >= _FREEZE_AFTER:
+            _freeze_heap()
+
+
+def _freeze_heap() -> None:
+    """Take what exists now (the fleet's loops, targets, sessions, the
+    libraries) out of the cyclic collector's reach.
+
+    At 100k devices the heap holds about a million tracked objects, and each
+    full collection (triggered as readings age through the generations)
+    walked them all: 160 ms for the pool alone, measured, every few seconds,
+    a stall on the loop and CPU spent proving live objects alive. Frozen
+    objects are still freed by reference counting; a collection runs first so
+    no garbage is frozen."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info("froze %d objects out of the cyclic GC in %.0f ms", gc.get_freeze_count(),
+             (time.perf_counter() - started) * 1000)
