@@ -44,7 +44,8 @@ def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str
         "POLLER_S3_BUCKET": stack.info.bucket,
         "POLLER_S3_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
     })
-    assert run_bench(settings, _bench_args(tmp_path)) == 0
+    stacks = tmp_path / "out" / "stacks.txt"
+    assert run_bench(settings, _bench_args(tmp_path, "--profile", str(stacks))) == 0
 
     doc = json.loads((tmp_path / "out" / "bench.json").read_text())
     main = doc["main"]
@@ -81,5 +82,12 @@ def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str
     assert {t["status"] for t in doc["targets"]} <= {"pass", "fail", "n/a"}
     assert doc["chart"] is None or Path(doc["chart"]).is_file()
 
+    profile = doc["profile"]
+    assert profile["available"], profile["reason"]
+    assert profile["path"] == str(stacks) and stacks.is_file()
+    assert profile["samples"] == sum(int(line.rsplit(" ", 1)[1])
+                                     for line in stacks.read_text().splitlines())
+
     out = capsys.readouterr().out
     assert "== 50 devices ==" in out and "== targets ==" in out
+    assert "== profile: poller serve, main window ==" in out

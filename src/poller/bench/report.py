@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from poller.bench import profile as profiling
+from poller.bench.profile import Profile
 from poller.bench.wrkfloor import Floor
 
 KIB = 1024
@@ -139,6 +141,7 @@ class BenchReport:
     targets: list[Target]
     notes: list[str]
     chart: str | None
+    profile: Profile | None = None
 
 
 def _mark(ok: bool | None) -> str:
@@ -271,6 +274,9 @@ def render(report: BenchReport) -> str:
                        f"{_num(step.us_per_poll, 'µs/poll')}")
         held = report.sweep_largest_held
         out.append(f"  largest fleet held: {held:,}" if held else "  no size held")
+    if report.profile is not None:
+        out.append("\n== profile: poller serve, main window ==")
+        out.extend(profiling.render(report.profile))
     out.append("\n== targets ==")
     width = max(len(t.name) for t in report.targets)
     for t in report.targets:

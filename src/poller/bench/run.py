@@ -26,6 +26,7 @@ from poller import argtypes
 from poller.bench import storage
 from poller.bench.children import BenchError, Child, http_json, http_text, wait_http
 from poller.bench.measure import Scrape, parse_metrics, process_cpu_s, rss_bytes, tree_cpu_s
+from poller.bench.profile import Profile, Recorder
 from poller.bench.report import (
     BenchReport,
     FleetRun,
@@ -78,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-stack", action="store_true",
                         help="leave the embedded servers running at the end")
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="PATH",
+                        help="sample the poller with py-spy during the main window; collapsed "
+                        "stacks to PATH, a summary by area and function in the report")
     parser.add_argument("--sample-every", type=argtypes.seconds, default=1.0, metavar="SECONDS",
                         help="how often to scrape /metrics during the window (default 1)")
 
@@ -98,6 +102,7 @@ class _Options:
     keep_stack: bool
     seed: int
     sample_every_s: float
+    profile_path: Path | None
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -129,7 +134,7 @@ def _options(args: argparse.Namespace) -> _Options:
         json_path=json_path, chart_path=args.chart or json_path.with_suffix(".png"),
         wrk=not args.no_wrk, floor_s=args.floor_duration, rss_slope=not args.no_rss_slope,
         small_devices=small, sweep=args.sweep, keep_stack=args.keep_stack, seed=args.seed,
-        sample_every_s=args.sample_every)
+        sample_every_s=args.sample_every, profile_path=args.profile)
 
 
 def _progress(line: str) -> None:
@@ -162,6 +167,7 @@ class _Bench:
         self.s3_endpoint_url: str | None = None
         self.postgres_pid: int | None = None
         self.notes: list[str] = []
+        self.profile: Profile | None = None
 
     # -- set-up and tear-down -------------------------------------------------------
 
@@ -272,7 +278,7 @@ class _Bench:
             main=main, runs=runs, rss_slope=slope, floor=floor, cpu_floor_multiple=multiple,
             sweep=sweep, sweep_largest_held=largest,
             targets=evaluate(main, slope, multiple, largest), notes=self.notes,
-            chart=None if reason else str(opts.chart_path))
+            chart=None if reason else str(opts.chart_path), profile=self.profile)
 
     def _sweep(self) -> tuple[list[FleetRun], list[SweepStep], int | None]:
         runs: list[FleetRun] = []
@@ -330,6 +336,9 @@ class _Bench:
         self._wait_fleet(api, devices, serve, 120.0 + devices / 1000)
         _countdown(f"{label}: warm-up", opts.warmup_s, lambda: serve.check_alive())
         _progress(f"{label}: measuring for {opts.duration_s:g} s")
+        recorder = None
+        if opts.profile_path is not None and label == "main" and self.profile is None:
+            recorder = Recorder(serve.pid, opts.duration_s, opts.profile_path)
         start = self._snapshot(serve, sim, api, sim_url, reset=True)
         series: list[Sample] = []
         last = start.scrape
@@ -350,6 +359,10 @@ class _Bench:
                     f"p99 lateness {_ms(sample.lateness_p99_s)}")
         end = self._snapshot(serve, sim, api, sim_url, reset=False)
         _status_done()
+        if recorder is not None:
+            self.profile = recorder.finish()
+            if not self.profile.available:
+                self.notes.append(f"profile not recorded: {self.profile.reason}")
         rss = rss_bytes(serve.pid)
         jitter = http_json(sim_url + "/_sim/jitter")
         sim_requests = int(http_json(sim_url + "/_sim/stats")["requests"])
