@@ -67,3 +67,17 @@ async def test_wheel_fires_each_item_once_never_early() -> None:
     lateness = [late for _, late in fired]
     assert min(lateness) >= 0  # never early
     assert statistics.median(lateness) < 0.05
+
+
+def test_tick_times_are_whole_microseconds_and_match_the_loops() -> None:
+    from datetime import UTC, datetime
+
+    from poller.ingest.pgcopy import pg_micros
+
+    ph = schedule.phase("00ce69", "s", 6.0)
+    for k in (0, 1, 293_982_600, 300_000_000):
+        t = schedule.tick_time(k, 6.0, ph)
+        assert abs(t - (k * 6.0 + ph)) <= 0.5e-6 + 1e-9
+        # Stored as the same microsecond however it travels (COPY or datetime).
+        assert pg_micros(t) == pg_micros(float(f"{t:.6f}"))
+        assert datetime.fromtimestamp(t, UTC).timestamp() == float(f"{t:.6f}")

@@ -167,26 +167,59 @@ class LiveState:
         """Latest readings of ``fresh``; status documents of ``documents``."""
         assert self._client is not None and self._baseline is not None
         baseline = self._baseline
-        state: dict[str, bytes] = {}
-        pipe = self._client.pipeline(transaction=False)
+        commands: list[bytes] = []
         polled = [t for t in fresh if t.latest is not None]
         docs = reading_docs([t.latest for t in polled])  # type: ignore[misc]
-        latest = {t.cloud_id: doc for t, doc in zip(polled, docs, strict=True)}
+        state: list[tuple[bytes, bytes]] = []
         for t in documents:
             t.state_changed = False
-            base = baseline.pop(t.cloud_id, None)
+            cloud_id = t.record.cloud_id
+            base = baseline.pop(cloud_id, None)
             if base:
                 _fold(t, base)
             snap = t.snapshot()
-            state[t.cloud_id] = orjson.dumps(snap)
+            state.append((cloud_id.encode(), orjson.dumps(snap)))
             if snap["failures"] and (self._needs_rebuild or t.last_outcome != "ok"):
-                pipe.hset(keys.failures(t.cloud_id), mapping=snap["failures"])
+                commands.append(hset_command(keys.failures(cloud_id).encode(), [
+                    (k.encode(), str(n).encode()) for k, n in snap["failures"].items()]))
         if state:
-            pipe.hset(keys.STATE, mapping=state)  # type: ignore[arg-type]
-        if latest:
-            pipe.hset(keys.LATEST, mapping=latest)  # type: ignore[arg-type]
-        if state or latest:
-            await pipe.execute()
+            commands.append(hset_command(_STATE_KEY, state))
+        if polled:
+            commands.append(hset_command(_LATEST_KEY, [
+                (t.record.cloud_id.encode(), doc) for t, doc in zip(polled, docs, strict=True)]))
+        if commands:
+            await self._send(commands)
+
+    async def _send(self, commands: list[bytes]) -> None:
+        """Write packed commands on one pooled connection; read every reply.
+
+        redis-py's pipeline packs each argument in Python (1.4 µs a device
+        for the latest readings, measured against Valkey); packing the HSETs
+        here costs 0.55 µs. Any failure drops the connection, so a reply left
+        unread cannot be taken for the next command's."""
+        assert self._client is not None
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(commands)
+            for _ in commands:
+                await conn.read_response()  # raises on an error reply
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
+
+_STATE_KEY = keys.STATE.encode()
+_LATEST_KEY = keys.LATEST.encode()
+
+
+def hset_command(key: bytes, items: list[tuple[bytes, bytes]]) -> bytes:
+    """``HSET key field value ...`` in RESP, as Redis reads it off the wire."""
+    head = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * len(items), len(key), key)
+    return head + b"".join([b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(f), f, len(v), v)
+                            for f, v in items])
 
 
 def _fold(t: Target, base: dict[str, Any]) -> None:

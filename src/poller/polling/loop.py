@@ -190,7 +190,7 @@ class DeviceLoop:
         target = self.target
         received = pool.loop_time() + pool.wall_offset
         # schedule.tick_time and Reading(...), inlined: this runs per poll.
-        tick_at = round(self._index * self._interval + self._phase, 6)
+        tick_at = round((self._index * self._interval + self._phase) * 1e6) / 1e6
         reading = _new_tuple(Reading, (target.record.id, tick_at, step.device_at, received,
                                        step.demand_w, step.delivered_wh, step.received_wh,
                                        step.price, target.record.cloud_id))
