@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poller.ingest.pgcopy import HEADER, TRAILER, as_source, encode_rows, pg_micros
-from poller.ingest.pgload import to_records
 from poller.reading import READING_COLUMNS, Reading
+from tests.rows import to_records
 from tests.stackfix import RunningStack, fresh_database_url
 
 # 1990 .. 2100, with sub-microsecond fractions and exact halves in them.

@@ -17,27 +17,13 @@ from poller.ingest.pgload import LoaderUnavailable, PgLoader
 from poller.ingest.spool import Spool
 from poller.migrate import migrate
 from poller.reading import Reading
+from tests.rows import FakeClock, make_rows
 
 # 2029-12-31T23:00Z: far from the partitions migrate makes, and the next hour
 # is another day, so the loader must create partitions for both.
 H0 = 1_893_452_400
 TEMPLATE = "ingest_template"
 _db_numbers = itertools.count(1)
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_rows(n: int, tick: float, first_id: int = 1) -> list[Reading]:
-    return [Reading(first_id + i, tick, None if i % 2 else tick - 0.5, tick + 0.25,
-                    -12.5 + i, 1000.0 + i, None, 0.11 if i % 3 == 0 else None,
-                    f"dev-{first_id + i}")
-            for i in range(n)]
 
 
 @pytest.fixture(scope="module")

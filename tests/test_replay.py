@@ -17,10 +17,10 @@ from poller.archive.naming import archive_key
 from poller.archive.replay import replay
 from poller.archive.s3 import ArchiveStore
 from poller.archive.uploader import Uploader
-from poller.ingest.pgload import to_records
 from poller.ingest.spool import Spool
 from poller.migrate import migrate
 from poller.reading import READING_COLUMNS, Reading
+from tests.rows import to_records
 from tests.stackfix import RunningStack, fresh_database_url, stack
 from tests.test_archive import encode, make_store
 

@@ -26,23 +26,9 @@ from poller.ingest.spool import (
     parse_segment_name,
 )
 from poller.reading import Reading
+from tests.rows import FakeClock, make_rows
 
 H0 = 1_763_884_800  # 2025-11-23T08:00:00Z, an hour boundary
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_rows(n: int, tick: float, first_id: int = 1) -> list[Reading]:
-    return [Reading(first_id + i, tick, None if i % 2 else tick - 0.5, tick + 0.25,
-                    -12.5 + i, 1000.0 + i, None, 0.11 if i % 3 == 0 else None,
-                    f"dev-{first_id + i}")
-            for i in range(n)]
 
 
 async def opened(directory: Path, clock: FakeClock, instance: str = "inst-1.a") -> Spool:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -83,15 +83,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
-
-
-def to_records(rows: Sequence[Reading]) -> list[Record]:
-    """``reading[:8]`` with Unix seconds turned into aware datetimes: the rows
-    as asyncpg reads them back from ``readings``."""
-    fromts = datetime.fromtimestamp
-    utc = UTC
-    return [(r[0], fromts(r[1], utc), None if r[2] is None else fromts(r[2], utc),
-             fromts(r[3], utc), r[4], r[5], r[6], r[7]) for r in rows]
 
 
 def days_of(rows: Sequence[Reading]) -> set[int]:
