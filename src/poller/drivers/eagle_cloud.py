@@ -78,6 +78,7 @@ _FLAT_DOC = re.compile(
 _FLAT_FIELD = re.compile(rf"<({_XML_NAME})>([^<&]*)</({_XML_NAME})>")
 
 _IDLE = 0
+_new_tuple = tuple.__new__  # Sample(...) runs a Python-level __new__
 _AWAIT_DEMAND = 1
 _AWAIT_SUMMATION = 2
 
@@ -127,6 +128,11 @@ def _json_fields(body: bytes, secret: str) -> tuple[str, dict[str, Any]]:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise unparseable("malformed JSON") from None
+    if type(document) is dict and len(document) == 1:
+        # The common answer, checked in one step: one notification of fields.
+        ((root, fields),) = document.items()
+        if type(fields) is dict and root.lower() != "error":
+            return root, fields
     if not isinstance(document, dict) or not document:
         raise unparseable("JSON answer is not an object naming a notification")
     for key, value in document.items():
@@ -144,9 +150,11 @@ def _json_fields(body: bytes, secret: str) -> tuple[str, dict[str, Any]]:
 def read_notification(body: bytes, expected: tuple[str, ...], secret: str = "") -> dict[str, Any]:
     """The fields of the notification in ``body``, which must be one of
     ``expected``. Raises PollFailure (DEVICE_ERROR or UNPARSEABLE)."""
-    if body.startswith(_BOM):
-        body = body[len(_BOM) :]
-    start = body.lstrip()[:1]
+    start = body[:1]
+    if start != b"{":  # not the common bare JSON: a BOM, blanks, XML, garbage
+        if body.startswith(_BOM):
+            body = body[len(_BOM) :]
+        start = body.lstrip()[:1]
     if start == b"<":
         root, fields = _xml_fields(body, secret)
     elif start == b"{" or start == b"[":
@@ -160,16 +168,32 @@ def read_notification(body: bytes, expected: tuple[str, ...], secret: str = "") 
     return fields
 
 
-def _hex(fields: dict[str, Any], name: str, *, signed: bool = False) -> int:
+def _hex(fields: dict[str, Any], name: str) -> int:
     value = fields.get(name)
+    if type(value) is str:
+        try:
+            return decode_unsigned_hex(value)
+        except ValueError:
+            pass
+    raise _bad_hex(value, name)
+
+
+def _signed_hex(fields: dict[str, Any], name: str) -> int:
+    value = fields.get(name)
+    if type(value) is str:
+        try:
+            return decode_signed_hex(value)
+        except ValueError:
+            pass
+    raise _bad_hex(value, name)
+
+
+def _bad_hex(value: Any, name: str) -> PollFailure:
     if value is None:
-        raise unparseable(f"missing {name}")
+        return unparseable(f"missing {name}")
     if not isinstance(value, str):
-        raise unparseable(f"{name} is not a string")
-    try:
-        return decode_signed_hex(value) if signed else decode_unsigned_hex(value)
-    except ValueError:
-        raise unparseable(f"{name} is not a hex number") from None
+        return unparseable(f"{name} is not a string")
+    return unparseable(f"{name} is not a hex number")
 
 
 def _device_at(fields: dict[str, Any]) -> float | None:
@@ -182,7 +206,7 @@ def _device_at(fields: dict[str, Any]) -> float | None:
 def parse_demand(body: bytes, secret: str = "") -> tuple[float | None, float]:
     """``(device_at, demand_w)`` from an InstantaneousDemand answer body."""
     fields = read_notification(body, DEMAND_ROOTS, secret)
-    raw = _hex(fields, "Demand", signed=True)
+    raw = _signed_hex(fields, "Demand")
     demand_w = scale(raw, _hex(fields, "Multiplier"), _hex(fields, "Divisor"), 1000)
     return _device_at(fields), demand_w
 
@@ -228,7 +252,7 @@ class EagleCloudSession:
         if state == _AWAIT_DEMAND:
             device_at, demand_w = parse_demand(checked_body(response), self._secret)
             if not self._with_totals:
-                return Sample(device_at, demand_w, None, None, None)
+                return _new_tuple(Sample, (device_at, demand_w, None, None, None))
             self._pending = (device_at, demand_w)
             self._state = _AWAIT_SUMMATION
             return self._summation
@@ -237,7 +261,7 @@ class EagleCloudSession:
             device_at, demand_w = self._pending
             if device_at is None:
                 device_at = summed_at
-            return Sample(device_at, demand_w, delivered, received, None)
+            return _new_tuple(Sample, (device_at, demand_w, delivered, received, None))
         raise RuntimeError("feed() called without begin() or after the poll ended")
 
 

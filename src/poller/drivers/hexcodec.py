@@ -15,6 +15,8 @@ device simulator encodes with it, so the two agree by construction.
 
 from __future__ import annotations
 
+import re
+
 EPOCH_2000_UNIX = 946_684_800
 """2000-01-01T00:00:00Z in Unix seconds: the EAGLE's TimeStamp epoch."""
 
@@ -25,23 +27,24 @@ MIN_SIGNED_DIGITS = 6
 """ZigBee's demand is an int24; shorter values are unpadded magnitudes."""
 
 
+_HEX_DIGITS = re.compile(rf"\s*(?:0[xX])?([0-9A-Fa-f]{{1,{MAX_HEX_DIGITS}}})\s*")
+"""Optional blanks and ``0x``, then the digits: int(text, 16) alone would also
+take "+", "-", "_" and inner blanks."""
+
+
 def _digits(text: str) -> str:
-    digits = text.strip()
-    if digits[:2] in ("0x", "0X"):
-        digits = digits[2:]
-    # int(text, 16) alone would also take "+", "-", "_" and inner blanks;
-    # isalnum() leaves only letters and digits, and int() refuses non-hex.
-    if not (0 < len(digits) <= MAX_HEX_DIGITS and digits.isascii() and digits.isalnum()):
+    match = _HEX_DIGITS.fullmatch(text)
+    if match is None:
         raise ValueError(f"not a hex number of at most {MAX_HEX_DIGITS} digits")
-    return digits
+    return match.group(1)
 
 
 def decode_unsigned_hex(text: str) -> int:
     """``"0x0003e8"`` -> 1000. Raises ValueError on anything else."""
-    try:
-        return int(_digits(text), 16)
-    except ValueError:
-        raise ValueError("not a hex number") from None
+    match = _HEX_DIGITS.fullmatch(text)
+    if match is None:
+        raise ValueError("not a hex number")
+    return int(match.group(1), 16)
 
 
 def decode_signed_hex(text: str) -> int:
@@ -52,10 +55,7 @@ def decode_signed_hex(text: str) -> int:
     reading ``0x9c4`` as negative would flip a 2.5 kW load into export.
     """
     digits = _digits(text)
-    try:
-        value = int(digits, 16)
-    except ValueError:
-        raise ValueError("not a hex number") from None
+    value = int(digits, 16)
     width = len(digits)
     if width >= MIN_SIGNED_DIGITS and width % 2 == 0:
         bits = 4 * width

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import operator
 import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -36,6 +37,7 @@ from poller.reading import Reading
 log = logging.getLogger("poller.ingest")
 _ROTATE_EVERY_S = 1.0
 _RETRY_MAX_S = 30.0
+_RECEIVED_AT = operator.itemgetter(Reading._fields.index("received_at"))
 
 
 def _hour(tick_at: float) -> int:
@@ -55,6 +57,9 @@ class Ingest:
         self._buffer: list[Reading] = []
         self._batch_rows = settings.batch_rows
         self._max_rows = settings.buffer_max_rows
+        self.accepting = True
+        """False while the buffer is full (the spool cannot write): the loops
+        skip ticks. Kept current by every change of the buffer."""
         self._kicked = False
         self._wake = asyncio.Event()
         self._loader_wake = asyncio.Event()
@@ -79,19 +84,19 @@ class Ingest:
         self.settings = settings
         self._batch_rows = settings.batch_rows
         self._max_rows = settings.buffer_max_rows
+        self.accepting = len(self._buffer) < self._max_rows
 
     # -- the hot path -----------------------------------------------------------
 
     def accept(self, reading: Reading) -> None:
         buffer = self._buffer
         buffer.append(reading)
-        if len(buffer) >= self._batch_rows and not self._kicked:
+        rows = len(buffer)
+        if rows >= self._batch_rows and not self._kicked:
             self._kicked = True
             self._wake.set()
-
-    @property
-    def accepting(self) -> bool:
-        return len(self._buffer) < self._max_rows
+        if rows >= self._max_rows:
+            self.accepting = False
 
     # -- figures ----------------------------------------------------------------
 
@@ -204,6 +209,7 @@ class Ingest:
             return True
         self._buffer = []
         self._kicked = False
+        self.accepting = True
         try:
             positions = await self.spool.append(batch)
         except SpoolError as exc:
@@ -212,6 +218,7 @@ class Ingest:
             written = {p.hour for p in exc.written}
             self._queue(exc.written, batch)
             self._buffer = [r for r in batch if _hour(r.tick_at) not in written] + self._buffer
+            self.accepting = len(self._buffer) < self._max_rows
             if self.spool_ok:
                 log.error("spool write failed, readings held in memory (%d): %s",
                           len(self._buffer), exc)
@@ -319,9 +326,7 @@ class Ingest:
             self.rows_committed += inserted
             self.copy_batches += 1
             self.copy_seconds.record(time.monotonic() - started)
-            record = self.commit_latency.record
-            for r in rows:
-                record(now - r.received_at)
+            self.commit_latency.record_ages(now, list(map(_RECEIVED_AT, rows)))
 
     async def _drain_loader(self, until: float) -> None:
         while (self._pending or self._behind) and time.monotonic() < until:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,8 +62,8 @@ class CallbackTransport(Protocol):
 
 class DeviceLoop:
     __slots__ = (
-        "_counts", "_deadline", "_due", "_in_flight", "_index", "_interval", "_phase", "_polls",
-        "_pool", "_prep_cache", "_session", "_stop_waiter", "_stopped", "_timeout",
+        "_counts", "_deadline", "_done", "_due", "_in_flight", "_index", "_interval", "_phase",
+        "_polls", "_pool", "_prep_cache", "_session", "_stop_waiter", "_stopped", "_timeout",
         "_timeout_for", "_transport", "target",
     )
 
@@ -86,6 +87,8 @@ class DeviceLoop:
         self._timeout_for = -1.0
         """The pool's timeout setting ``_timeout`` was computed for."""
         self._timeout = 0.0
+        self._done = self._on_done
+        """The transport's callback, bound once rather than per request."""
 
     @property
     def in_flight(self) -> bool:
@@ -125,7 +128,7 @@ class DeviceLoop:
         if self._stopped:
             return
         pool = self._pool
-        if not pool.sink_accepting():
+        if not pool.sink.accepting:
             # Storage cannot take more: skip this tick rather than hold
             # readings nobody can keep. Counted, never silent.
             pool.stats.backpressure_skips += 1
@@ -169,7 +172,7 @@ class DeviceLoop:
                 # tenth poll) is prepared when sent rather than held by every
                 # device: 400 B a device saved for 0.3 µs a poll.
                 self._prep_cache = (request, prepared)
-        self._transport.start(prepared, self._deadline, self._on_done)
+        self._transport.start(prepared, self._deadline, self._done)
 
     def _on_done(self, result: HttpResponse | BaseException) -> None:
         if isinstance(result, BaseException):
@@ -207,7 +210,9 @@ class DeviceLoop:
             self._transition(DeviceState.OK, "ok", None)
         elif target.last_outcome is not None and target.consecutive_failures:
             target.consecutive_failures = 0
-        pool.mark_dirty(target)
+        if not target.dirty:  # pool.mark_dirty, inlined
+            target.dirty = True
+            pool.dirty.append(target)
         self._end_poll(received, 0.0)
 
     def _on_transport_error(self, exc: BaseException) -> None:
@@ -276,26 +281,33 @@ class DeviceLoop:
             self._pool.log_transition(target.cloud_id, previous.value, state.value, outcome,
                                       message)
 
+    def _end_poll_stopped(self) -> None:
+        if self._stop_waiter is not None and not self._stop_waiter.done():
+            self._stop_waiter.set_result(None)
+        self._pool.slot_freed()
+
     def _end_poll(self, now_wall: float, delay_s: float) -> None:
         pool = self._pool
         self._in_flight = False
         pool.in_flight -= 1
         if self._stopped:
-            if self._stop_waiter is not None and not self._stop_waiter.done():
-                self._stop_waiter.set_result(None)
-            pool.slot_freed()
+            self._end_poll_stopped()
             return
         following = self._index + 1
         if delay_s > 0:
             index = schedule.first_tick_at_or_after(now_wall + delay_s, self._interval,
                                                     self._phase)
+            if index < following:
+                index = following
         else:
-            index = schedule.next_tick_index(now_wall, self._interval, self._phase)
-        if index < following:
-            index = following
-        elif index > following and delay_s == 0:
-            skipped = index - following
-            self.target.skipped_ticks += skipped
-            pool.stats.skipped_ticks += skipped
+            # schedule.next_tick_index, inlined: this runs per poll.
+            index = math.floor((now_wall - self._phase) / self._interval) + 1
+            if index > following:
+                skipped = index - following
+                self.target.skipped_ticks += skipped
+                pool.stats.skipped_ticks += skipped
+            else:
+                index = following
         self._schedule(index)
-        pool.slot_freed()
+        if pool.waiting_loops:
+            pool.slot_freed()

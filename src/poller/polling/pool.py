@@ -40,7 +40,8 @@ class ReadingSink(Protocol):
 
     @property
     def accepting(self) -> bool:
-        """False while storage is full: loops skip ticks instead of polling."""
+        """False while storage is full: loops skip ticks instead of polling.
+        Read before every poll: a plain attribute, not a computation."""
         ...
 
 
@@ -64,7 +65,7 @@ class DevicePool:
         wheel_resolution_s: float = 0.02,
     ) -> None:
         self.settings = settings
-        self._sink = sink
+        self.sink = sink
         self.sink_accept = sink.accept
         self._transports = transports
         self._seed = seed
@@ -82,7 +83,7 @@ class DevicePool:
         self.timeout_s = settings.timeout_s
         self.outcome_names = tuple(o.value for o in OUTCOMES)
         self.dirty: list[Target] = []
-        self._waiting: collections.deque[DeviceLoop] = collections.deque()
+        self.waiting_loops: collections.deque[DeviceLoop] = collections.deque()
         self._stopping: set[asyncio.Future[None]] = set()
         self.state_counts: collections.Counter[DeviceState] = collections.Counter()
         self._log_window_at = 0.0
@@ -126,7 +127,7 @@ class DevicePool:
 
     def set_sink(self, sink: ReadingSink) -> None:
         """Replace the sink; only before ``start()``."""
-        self._sink = sink
+        self.sink = sink
         self.sink_accept = sink.accept
 
     # -- what loops call --------------------------------------------------------
@@ -137,19 +138,17 @@ class DevicePool:
     def timeout_for(self, interval_s: float) -> float:
         return min(self.settings.timeout_s, interval_s * 0.9)
 
-    def sink_accepting(self) -> bool:
-        return self._sink.accepting
-
     def mark_dirty(self, target: Target) -> None:
         if not target.dirty:
             target.dirty = True
             self.dirty.append(target)
 
     def wait_for_slot(self, device_loop: DeviceLoop) -> None:
-        self._waiting.append(device_loop)
+        self.waiting_loops.append(device_loop)
 
     def slot_freed(self) -> None:
-        waiting = self._waiting
+        """Start polls that waited for the cap; loops check ``waiting`` first."""
+        waiting = self.waiting_loops
         while waiting and self.in_flight < self.max_in_flight:
             nxt = waiting.popleft()
             if not nxt._stopped and not nxt.in_flight:
@@ -157,7 +156,7 @@ class DevicePool:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.waiting_loops)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -251,7 +250,7 @@ class DevicePool:
         answers, if they come, are dropped with the transports)."""
         for device_id in list(self.loops):
             self._stop_loop(device_id)
-        self._waiting.clear()
+        self.waiting_loops.clear()
         pending = [f for f in self._stopping if not f.done()]
         if pending:
             with contextlib.suppress(TimeoutError):

@@ -8,6 +8,7 @@ reads them when scraped.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 
 from poller.drivers.base import Outcome
 
@@ -19,6 +20,8 @@ _GROWTH = 1.04
 _LOG_GROWTH = math.log(_GROWTH)
 _MIN_S = 1e-5  # 10 µs: anything below counts as on time
 _BUCKETS = 600  # up to 10 µs * 1.04^600 ~ 170 000 s
+_BOUNDS = tuple(_MIN_S * _GROWTH**i for i in range(_BUCKETS))
+"""Upper bound of each bucket but the last, which takes everything above."""
 
 
 class LogHistogram:
@@ -37,11 +40,24 @@ class LogHistogram:
         self.sum += seconds
         if seconds > self.max:
             self.max = seconds
-        if seconds <= _MIN_S:
-            self.counts[0] += 1
+        # A binary search in C: a third of the cost of computing the log.
+        self.counts[bisect_left(_BOUNDS, seconds)] += 1
+
+    def record_ages(self, now: float, times: list[float]) -> None:
+        """``record(now - t)`` for each of ``times``, in one call."""
+        if not times:
             return
-        i = int(math.log(seconds / _MIN_S) / _LOG_GROWTH) + 1
-        self.counts[i if i < _BUCKETS else _BUCKETS] += 1
+        counts = self.counts
+        total = 0.0
+        for t in times:
+            age = now - t
+            total += age
+            counts[bisect_left(_BOUNDS, age)] += 1
+        self.count += len(times)
+        self.sum += total
+        oldest = now - min(times)
+        if oldest > self.max:
+            self.max = oldest
 
     @staticmethod
     def upper_bound(index: int) -> float:

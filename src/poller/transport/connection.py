@@ -4,19 +4,19 @@ prepared request and parses the answer with httptools.
 The connection holds the state of at most one exchange in its own slots, so
 a request on an idle connection allocates nothing here but the response.
 Deadlines are not one loop timer per request (uvloop allocates, arms, stops
-and closes a libuv timer for each: 1.6 µs a request, measured) but an entry
-in the owner's coarse timing wheel; an entry whose exchange has ended, or
-been followed by one with a later deadline, finds nothing to do when it
-fires. Its owner (the client's pool) decides what happens to the connection
-after the exchange; the connection only reports.
+and closes a libuv timer for each: 1.6 µs a request, measured): the
+connection keeps its exchange's ``deadline`` and the owner sweeps its open
+connections a few times a second for those past it. Its owner (the client's
+pool) decides what happens to the connection after the exchange; the
+connection only reports.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -33,9 +33,6 @@ from poller.transport.errors import (
     TransportTimeout,
 )
 from poller.transport.prepared import PreparedRequest
-
-if TYPE_CHECKING:
-    from poller.polling.wheel import TimingWheel
 
 OnDone = Callable[[HttpResponse | BaseException], None]
 
@@ -63,8 +60,6 @@ class HttpConnection(asyncio.Protocol):
         "_body",
         "_body_len",
         "_complete",
-        "_deadline",
-        "_deadlines",
         "_extra",
         "_got_bytes",
         "_head_len",
@@ -79,6 +74,7 @@ class HttpConnection(asyncio.Protocol):
         "_prepared",
         "_status",
         "dead",
+        "deadline",
         "pool_key",
         "transport",
         "used",
@@ -87,13 +83,11 @@ class HttpConnection(asyncio.Protocol):
     def __init__(
         self,
         owner: ConnectionOwner,
-        deadlines: TimingWheel,
         pool_key: str,
         max_body_bytes: int,
         max_head_bytes: int,
     ) -> None:
         self._owner = owner
-        self._deadlines = deadlines
         self.pool_key = pool_key
         self._max_body = max_body_bytes
         self._max_head = max_head_bytes
@@ -104,7 +98,8 @@ class HttpConnection(asyncio.Protocol):
         """Responses completed on this connection."""
         self._on_done: OnDone | None = None
         self._prepared: PreparedRequest | None = None
-        self._deadline = 0.0
+        self.deadline = math.inf
+        """``time.monotonic()`` by which the exchange must end; inf when idle."""
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._reset_exchange()
@@ -128,8 +123,7 @@ class HttpConnection(asyncio.Protocol):
         self._reset_exchange()
         self._prepared = prepared
         self._on_done = on_done
-        self._deadline = deadline
-        self._deadlines.add(deadline, self)
+        self.deadline = deadline
         transport = self.transport
         assert transport is not None  # only open connections are handed out
         transport.write(prepared.raw)
@@ -210,13 +204,14 @@ class HttpConnection(asyncio.Protocol):
             return
         prepared = self._prepared
         assert prepared is not None
+        deadline = self.deadline
         self._end_exchange()
         if not self._got_bytes and self.used > 0:
             # A reused connection the server closed while idle, before we could
             # notice: nothing of the answer arrived, so the server did not act
             # on this request; our requests are idempotent reads, so one retry
             # on a fresh connection is safe.
-            self._owner.retry(self, prepared, self._deadline, on_done)
+            self._owner.retry(self, prepared, deadline, on_done)
             return
         self._owner.discard(self)
         where = prepared.key
@@ -265,6 +260,7 @@ class HttpConnection(asyncio.Protocol):
     def _end_exchange(self) -> None:
         self._on_done = None
         self._prepared = None
+        self.deadline = math.inf
 
     def _finish(self) -> None:
         on_done = self._on_done
@@ -280,8 +276,8 @@ class HttpConnection(asyncio.Protocol):
         self._owner.release(self, reusable)
         self._owner.deliver(on_done, response)
 
-    def fire(self) -> None:
-        """A deadline this connection registered is due (called by the wheel)."""
+    def expire(self) -> None:
+        """The exchange's deadline has passed (the owner's sweep says so)."""
         prepared = self._prepared
-        if prepared is not None and self._deadline <= time.monotonic():
+        if prepared is not None:
             self.fail(TransportTimeout(f"no complete response from {prepared.key} in time"))
