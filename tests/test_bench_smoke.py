@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,21 @@ def _check_types(doc: dict[str, Any], spec: dict[str, Any]) -> None:
         assert isinstance(doc[key], kind), f"{key}={doc[key]!r} is not {kind}"
 
 
-def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str,
-                                              tmp_path: Path,
-                                              capsys: Any) -> None:
+def _settings(stack: RunningStack, database_url: str) -> config.Settings:
     # The session's servers by URL: the bench starts no embedded stack of its own.
-    settings = config.load(config_path=None, env={
-        "POLLER_DATABASE_URL": fresh_db,
+    return config.load(config_path=None, env={
+        "POLLER_DATABASE_URL": database_url,
         "POLLER_REDIS_URL": stack.info.redis_url,
         "POLLER_S3_ENDPOINT_URL": stack.info.s3_endpoint_url,
         "POLLER_S3_BUCKET": stack.info.bucket,
         "POLLER_S3_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
     })
+
+
+def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str,
+                                              tmp_path: Path,
+                                              capsys: Any) -> None:
+    settings = _settings(stack, fresh_db)
     stacks = tmp_path / "out" / "stacks.txt"
     assert run_bench(settings, _bench_args(tmp_path, "--profile", str(stacks))) == 0
 
@@ -91,3 +96,22 @@ def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str
     out = capsys.readouterr().out
     assert "== 50 devices ==" in out and "== targets ==" in out
     assert "== profile: poller serve, main window ==" in out
+
+
+def test_bench_shards_poll_the_fleet_once_between_them(stack: RunningStack, fresh_db: str,
+                                                       tmp_path: Path) -> None:
+    settings = _settings(stack, fresh_db)
+    assert run_bench(settings, _bench_args(tmp_path, "--shards", "2")) == 0
+    main = json.loads((tmp_path / "out" / "bench.json").read_text())["main"]
+    assert main["devices"] == 50
+    assert 0 < main["ticks_stored"] <= main["ticks_scheduled"] == 50 * 3
+    assert main["completed_polls"] > 0 and main["rows_committed"] > 0
+    logs = tmp_path / "state" / "bench-logs"
+    polled = []
+    for k in range(2):
+        found = re.search(rf"polling (\d+) device\(s\) \(shard {k}/2\)",
+                          (logs / f"serve-{k}.log").read_text())
+        assert found, f"serve-{k} did not log its shard"
+        polled.append(int(found.group(1)))
+        assert (tmp_path / "state" / f"shard-{k}" / "spool").is_dir()
+    assert sum(polled) == 50 and min(polled) > 0

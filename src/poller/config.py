@@ -93,6 +93,8 @@ class PollingSettings:
     resync_interval_s: float = _opt(30.0, "full registry resync period", min=1, max=86400)
     wheel_resolution_s: float = _opt(0.02, "tick granularity: devices due within one slot "
                                      "are dispatched together", min=0.001, max=1.0)
+    shard: str = _opt("", "k/n: poll only the devices whose id % n == k (one of n instances "
+                      "sharing a registry); empty: every device", form="shard")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ _SECTIONS: dict[str, type[Any]] = {
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_SHARD_RE = re.compile(r"([0-9]{1,6})/([0-9]{1,6})")
 
 
 def _fields_of(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
@@ -239,9 +242,26 @@ def _check_string(key: str, raw: str, meta: Mapping[str, Any]) -> str:
         raise ConfigError(key, f"expected a key prefix like 'poller' or 'a/b', got {raw!r}")
     elif form == "instance" and raw and not _INSTANCE_RE.match(raw):
         raise ConfigError(key, f"expected 1-63 of A-Z a-z 0-9 _ . - , got {raw!r}")
+    elif form == "shard" and raw:
+        parse_shard(key, raw)
     elif form == "host" and (not raw or any(c.isspace() for c in raw)):
         raise ConfigError(key, f"expected a host name or address, got {raw!r}")
     return raw
+
+
+def parse_shard(key: str, raw: str) -> tuple[int, int]:
+    """``"k/n"`` -> ``(k, n)`` with ``0 <= k < n``; ConfigError otherwise.
+
+    >>> parse_shard("polling.shard", "1/4")
+    (1, 4)
+    """
+    match = _SHARD_RE.fullmatch(raw.strip())
+    if match is None:
+        raise ConfigError(key, f"expected k/n such as 0/2 (this instance of n), got {raw!r}")
+    k, n = int(match[1]), int(match[2])
+    if not 0 <= k < n:
+        raise ConfigError(key, f"expected 0 <= k < n in k/n, got {raw!r}")
+    return k, n
 
 
 def _flatten_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -271,12 +271,16 @@ class Registry:
                                            rec.options))
         return out
 
-    async def versions(self, cloud_ids: list[str] | None = None) -> dict[int, datetime | None]:
+    async def versions(self, cloud_ids: list[str] | None = None, *,
+                       shard: tuple[int, int] = (0, 1)) -> dict[int, datetime | None]:
         """Device id -> ``updated_at`` of every enabled device (None: not wanted,
-        for rows named in ``cloud_ids`` that are removed or disabled)."""
+        for rows named in ``cloud_ids`` that are removed or disabled).
+        ``shard`` ``(k, n)`` keeps the devices whose id % n == k."""
         if cloud_ids is None:
+            k, n = shard
             rows = await self._conn.fetch(
-                "SELECT id, updated_at FROM devices WHERE removed_at IS NULL AND enabled")
+                "SELECT id, updated_at FROM devices WHERE removed_at IS NULL AND enabled "
+                "AND id % $2 = $1", k, n)
             return {r["id"]: r["updated_at"] for r in rows}
         rows = await self._conn.fetch(
             "SELECT id, updated_at, removed_at IS NULL AND enabled AS wanted FROM devices "

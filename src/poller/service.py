@@ -205,8 +205,9 @@ class Service:
 
         Live: API tokens, log settings, poll timeout, back-off and auth-failed
         intervals, totals cadence, in-flight cap, resync period, flush size and
-        age. Server URLs, the API address, the instance id and the state
-        directory need a restart; they are kept and named in the return value.
+        age. Server URLs, the API address, the instance id, the shard and the
+        state directory need a restart; they are kept and named in the return
+        value.
         (Each device's interval is its registration's: ``update-user``.)"""
         old = self.settings
         fixed = ("database", "redis", "s3", "state_dir", "instance_id")
@@ -214,8 +215,11 @@ class Service:
         if (fresh.api.host, fresh.api.port, fresh.api.enabled) != \
                 (old.api.host, old.api.port, old.api.enabled):
             needs_restart.append("api address")
+        if fresh.polling.shard != old.polling.shard:
+            needs_restart.append("polling.shard")
         applied = dataclasses.replace(
             fresh, **{k: getattr(old, k) for k in fixed},
+            polling=dataclasses.replace(fresh.polling, shard=old.polling.shard),
             api=dataclasses.replace(fresh.api, host=old.api.host, port=old.api.port,
                                     enabled=old.api.enabled))
         self.settings = applied

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poller import argtypes
+from poller import argtypes, sealing
 from poller.bench import storage
-from poller.bench.children import BenchError, Child, http_json, http_text, wait_http
-from poller.bench.measure import Scrape, parse_metrics, process_cpu_s, rss_bytes, tree_cpu_s
+from poller.bench.children import BenchError, Child, http_json
+from poller.bench.measure import Scrape, process_cpu_s, tree_cpu_s
 from poller.bench.profile import Profile, Recorder
 from poller.bench.report import (
     BenchReport,
@@ -39,6 +39,7 @@ from poller.bench.report import (
     write_chart,
     write_json,
 )
+from poller.bench.serves import Serves, shard_env
 from poller.bench.wrkfloor import Floor, run_floor
 from poller.config import Settings
 from poller.simulator.fleet import DEFAULT_ID_OFFSET
@@ -82,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", type=Path, default=None, metavar="PATH",
                         help="sample the poller with py-spy during the main window; collapsed "
                         "stacks to PATH, a summary by area and function in the report")
+    parser.add_argument("--shards", type=argtypes.count, default=1, metavar="N",
+                        help="run N poller instances, shard k/N each (polling.shard), and "
+                        "report their sum (default 1)")
     parser.add_argument("--sample-every", type=argtypes.seconds, default=1.0, metavar="SECONDS",
                         help="how often to scrape /metrics during the window (default 1)")
 
@@ -103,6 +107,7 @@ class _Options:
     seed: int
     sample_every_s: float
     profile_path: Path | None
+    shards: int
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -134,7 +139,7 @@ def _options(args: argparse.Namespace) -> _Options:
         json_path=json_path, chart_path=args.chart or json_path.with_suffix(".png"),
         wrk=not args.no_wrk, floor_s=args.floor_duration, rss_slope=not args.no_rss_slope,
         small_devices=small, sweep=args.sweep, keep_stack=args.keep_stack, seed=args.seed,
-        sample_every_s=args.sample_every, profile_path=args.profile)
+        sample_every_s=args.sample_every, profile_path=args.profile, shards=args.shards)
 
 
 def _progress(line: str) -> None:
@@ -213,8 +218,8 @@ class _Bench:
             self.stack.down()
             self.stack = None
 
-    def _start(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv, self.child_env, self.logs / f"{name}.log")
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, argv, env or self.child_env, self.logs / f"{name}.log")
         self.children.append(child)
         return child
 
@@ -330,46 +335,46 @@ class _Bench:
         removed = storage.trim_registry(self.database_url, devices)
         if removed:
             _progress(f"{label}: removed {removed:,} device(s) of earlier runs from the registry")
-        _progress(f"{label}: starting poller serve")
-        serve = self._start("serve", ["serve"])
-        api = f"http://127.0.0.1:{serve.api_port(120.0 + devices / 1000)}"
-        self._wait_fleet(api, devices, serve, 120.0 + devices / 1000)
-        _countdown(f"{label}: warm-up", opts.warmup_s, lambda: serve.check_alive())
+        serves = self._start_serves(label)
+        serves.wait_ready(devices, 120.0 + devices / 1000)
+        _countdown(f"{label}: warm-up", opts.warmup_s, serves.check_alive)
         _progress(f"{label}: measuring for {opts.duration_s:g} s")
         recorder = None
         if opts.profile_path is not None and label == "main" and self.profile is None:
-            recorder = Recorder(serve.pid, opts.duration_s, opts.profile_path)
-        start = self._snapshot(serve, sim, api, sim_url, reset=True)
+            # With shards, the first one stands for all: they run the same code.
+            recorder = Recorder(serves.pids[0], opts.duration_s, opts.profile_path)
+        start = self._snapshot(serves, sim, sim_url, reset=True)
         series: list[Sample] = []
         last = start.scrape
         last_t = start.mono
         end_at = start.mono + opts.duration_s
         while (left := end_at - time.monotonic()) > 0:
             time.sleep(min(opts.sample_every_s, left))
-            serve.check_alive()
+            serves.check_alive()
             sim.check_alive()
             if end_at - time.monotonic() <= 0:
                 break
             now = time.monotonic()
-            scrape = parse_metrics(http_text(api + "/metrics"))
+            scrape = serves.scrape()
             sample = _sample(now - start.mono, now - last_t, last, scrape)
             series.append(sample)
             last, last_t = scrape, now
             _status(f"{label}: {end_at - now:4.0f} s left, {sample.polls_ok_per_s:,.0f} polls/s, "
                     f"p99 lateness {_ms(sample.lateness_p99_s)}")
-        end = self._snapshot(serve, sim, api, sim_url, reset=False)
+        end = self._snapshot(serves, sim, sim_url, reset=False)
         _status_done()
         if recorder is not None:
             self.profile = recorder.finish()
             if not self.profile.available:
                 self.notes.append(f"profile not recorded: {self.profile.reason}")
-        rss = rss_bytes(serve.pid)
+        rss = serves.rss_bytes()
         jitter = http_json(sim_url + "/_sim/jitter")
         sim_requests = int(http_json(sim_url + "/_sim/stats")["requests"])
         k = math.floor((end.wall - start.wall) / opts.interval_s + 1e-9)
-        stored = self._stored_ticks(start.wall, start.wall + k * opts.interval_s, serve) \
+        stored = self._stored_ticks(start.wall, start.wall + k * opts.interval_s, serves) \
             if k else 0
-        self._stop(serve)
+        for child in serves.children:
+            self._stop(child)
         self._stop(sim)
         run = _fleet_run(devices, opts.interval_s, start, end, series, rss, jitter,
                          sim_requests, k, stored)
@@ -379,33 +384,36 @@ class _Bench:
                   f"{'held' if run.held else 'NOT held'}")
         return run
 
-    def _wait_fleet(self, api: str, devices: int, serve: Child, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        fleet = wait_http(api + "/api/fleet", serve, timeout_s)
-        while fleet["devices"] != devices:
-            if time.monotonic() > deadline:
-                raise BenchError(f"serve polls {fleet['devices']} devices, expected {devices}")
-            time.sleep(0.5)
-            serve.check_alive()
-            fleet = http_json(api + "/api/fleet")
+    def _start_serves(self, label: str) -> Serves:
+        n = self.opts.shards
+        if n == 1:
+            _progress(f"{label}: starting poller serve")
+            return Serves([self._start("serve", ["serve"])])
+        _progress(f"{label}: starting {n} poller serve instances (shards 0/{n}..{n - 1}/{n})")
+        key = sealing.encode_key(sealing.load_key(self.state_dir))
+        return Serves([
+            self._start(f"serve-{k}", ["serve"],
+                        shard_env(self.child_env, self.state_dir, k, n, key))
+            for k in range(n)])
 
-    def _snapshot(self, serve: Child, sim: Child, api: str, sim_url: str, *,
+    def _snapshot(self, serves: Serves, sim: Child, sim_url: str, *,
                   reset: bool) -> _Snapshot:
-        archive = storage.archive_bytes(self.settings, self.state_dir, self.s3_endpoint_url)
+        spools = [self.state_dir / "spool"] + [self.state_dir / f"shard-{k}" / "spool"
+                                               for k in range(self.opts.shards)]
+        archive = storage.archive_bytes(self.settings, spools, self.s3_endpoint_url)
         if reset:
             http_json(sim_url + "/_sim/reset", method="POST", body={})
         pg_cpu = tree_cpu_s(self.postgres_pid) if self.postgres_pid else None
-        poller_cpu = process_cpu_s(serve.pid)
+        poller_cpu = serves.cpu_s()
         sim_cpu = process_cpu_s(sim.pid)
         # The counters are read while the scrape is served: time its middle.
         before, wall = time.monotonic(), time.time()
-        text = http_text(api + "/metrics")
+        scrape = serves.scrape()
         mono = (before + time.monotonic()) / 2
-        fleet = http_json(api + "/api/fleet")
-        return _Snapshot(mono, wall, poller_cpu, pg_cpu, sim_cpu, parse_metrics(text), fleet,
+        return _Snapshot(mono, wall, poller_cpu, pg_cpu, sim_cpu, scrape, serves.fleet(),
                          archive)
 
-    def _stored_ticks(self, start: float, end: float, serve: Child) -> int:
+    def _stored_ticks(self, start: float, end: float, serves: Serves) -> int:
         """Readings stored for ticks in [start, end), once every poll of those
         ticks has had its timeout and a flush to land."""
         settle_until = end + self.settings.polling.timeout_s + 2 * \
@@ -413,7 +421,7 @@ class _Bench:
         give_up = settle_until + 30.0
         _progress("waiting for the window's readings to reach Postgres")
         while time.time() < settle_until:
-            serve.check_alive()
+            serves.check_alive()
             time.sleep(0.5)
         count = storage.readings_between(self.database_url, start, end)
         while time.time() < give_up:

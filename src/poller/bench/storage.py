@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,12 +58,14 @@ def readings_between(database_url: str, start: float, end: float) -> int:
     return asyncio.run(run())
 
 
-def archive_bytes(settings: Settings, state_dir: Path, s3_endpoint_url: str | None) -> int:
-    """Bytes of every archive segment of this state directory, open or
-    closed, in the spool or on S3; a segment in both counts once."""
+def archive_bytes(settings: Settings, spools: Sequence[Path],
+                  s3_endpoint_url: str | None) -> int:
+    """Bytes of every archive segment of these spool directories, open or
+    closed, in a spool or on S3; a segment in both counts once."""
     sizes: dict[tuple[str, int], int] = {}
-    spool = state_dir / "spool"
-    if spool.is_dir():
+    for spool in spools:
+        if not spool.is_dir():
+            continue
         for path in spool.iterdir():
             parsed = parse_segment_name(path.name)
             if parsed is not None:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from poller.config import PollingSettings
+from poller.config import PollingSettings, parse_shard
 from poller.polling.adapt import FetchAdapter
 from poller.polling.loop import CallbackTransport
 from poller.polling.pool import DevicePool, ReadingSink
@@ -39,14 +39,17 @@ class PollingEngine:
         }
         self.pool = DevicePool(settings, sink, transports, seed=seed, wall_clock=wall_clock,
                                wheel_resolution_s=settings.wheel_resolution_s)
-        self.watcher = RegistryWatcher(database_url, box, self.pool, settings.resync_interval_s)
+        shard = parse_shard("polling.shard", settings.shard) if settings.shard else (0, 1)
+        self.watcher = RegistryWatcher(database_url, box, self.pool, settings.resync_interval_s,
+                                       shard=shard)
         self._started = False
 
     async def start(self) -> None:
         await self.pool.start()
         await self.watcher.start()
         self._started = True
-        log.info("polling %d device(s)", len(self.pool.loops))
+        shard = f" (shard {self.settings.shard})" if self.settings.shard else ""
+        log.info("polling %d device(s)%s", len(self.pool.loops), shard)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop the watcher, then every loop (waiting up to ``timeout_s`` for

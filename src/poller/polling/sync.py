@@ -6,6 +6,10 @@ compares versions (id, updated_at) as a safety net for anything missed while
 the listening connection was down. Only changed devices are fetched and their
 credentials opened. With Postgres down, polling goes on with the devices it
 has.
+
+With ``shard`` ``(k, n)`` the watcher keeps only the devices whose id % n == k:
+n instances with shards 0/n .. n-1/n share one registry and poll every device
+exactly once between them, each on its own event loop (and its own core).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ which the heap is frozen out of the cyclic GC."""
 
 class RegistryWatcher:
     def __init__(self, database_url: str, box: SecretBox, pool: DevicePool,
-                 resync_interval_s: float) -> None:
+                 resync_interval_s: float, *, shard: tuple[int, int] = (0, 1)) -> None:
         self._url = database_url
+        self._shard = shard
         self._box = box
         self._pool = pool
         self.resync_interval_s = resync_interval_s
@@ -122,7 +127,8 @@ class RegistryWatcher:
     async def _apply(self, cloud_ids: list[str]) -> None:
         assert self._conn is not None
         registry = Registry(self._conn, self._box)
-        versions = await registry.versions(cloud_ids)
+        k, n = self._shard
+        versions = {i: v for i, v in (await registry.versions(cloud_ids)).items() if i % n == k}
         wanted_ids = [i for i, v in versions.items() if v is not None]
         specs = await registry.specs(ids=wanted_ids) if wanted_ids else {}
         for device_id in versions:
@@ -131,7 +137,7 @@ class RegistryWatcher:
     async def _full_resync(self) -> None:
         assert self._conn is not None
         registry = Registry(self._conn, self._box)
-        versions = await registry.versions()
+        versions = await registry.versions(shard=self._shard)
         running = {i: lp.target.record.updated_at for i, lp in self._pool.loops.items()}
         running.update({i: t.record.updated_at for i, t in self._pool.rejected.items()})
         changed = [i for i, v in versions.items() if running.get(i) != v]
