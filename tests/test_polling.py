@@ -237,7 +237,11 @@ async def test_sync_starts_and_stops_the_difference(rig: Rig) -> None:
     res = rig.pool.sync(smaller)
     assert res.stopped == 4 and res.started == 0
     assert sorted(rig.pool.loops) == sorted(smaller)
+    assert rig.pool.expected_polls_per_s() == pytest.approx(6 / 0.3)
     _assert_state_counts(rig)
+    rig.pool.sync({})
+    assert rig.pool.expected_polls_per_s() == 0.0
+    rig.pool.sync(smaller)
     await asyncio.sleep(0.7)
     assert {r.device_id for r in rig.sink.readings[-6:]} <= set(smaller)
 
