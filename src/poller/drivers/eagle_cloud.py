@@ -28,6 +28,7 @@ device time.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -168,21 +169,12 @@ def read_notification(body: bytes, expected: tuple[str, ...], secret: str = "") 
     return fields
 
 
-def _hex(fields: dict[str, Any], name: str) -> int:
+def _hex(fields: dict[str, Any], name: str,
+         decode: Callable[[str], int] = decode_unsigned_hex) -> int:
     value = fields.get(name)
     if type(value) is str:
         try:
-            return decode_unsigned_hex(value)
-        except ValueError:
-            pass
-    raise _bad_hex(value, name)
-
-
-def _signed_hex(fields: dict[str, Any], name: str) -> int:
-    value = fields.get(name)
-    if type(value) is str:
-        try:
-            return decode_signed_hex(value)
+            return decode(value)
         except ValueError:
             pass
     raise _bad_hex(value, name)
@@ -206,7 +198,7 @@ def _device_at(fields: dict[str, Any]) -> float | None:
 def parse_demand(body: bytes, secret: str = "") -> tuple[float | None, float]:
     """``(device_at, demand_w)`` from an InstantaneousDemand answer body."""
     fields = read_notification(body, DEMAND_ROOTS, secret)
-    raw = _signed_hex(fields, "Demand")
+    raw = _hex(fields, "Demand", decode_signed_hex)
     demand_w = scale(raw, _hex(fields, "Multiplier"), _hex(fields, "Divisor"), 1000)
     return _device_at(fields), demand_w
 
