@@ -77,9 +77,9 @@ _FLAT_DOC = re.compile(
     rf"((?:\s*<{_XML_NAME}>[^<&]*</{_XML_NAME}>)*)\s*</\1>\s*"
 )
 _FLAT_FIELD = re.compile(rf"<({_XML_NAME})>([^<&]*)</({_XML_NAME})>")
+_new_tuple = tuple.__new__  # Sample(...) runs a Python-level __new__
 
 _IDLE = 0
-_new_tuple = tuple.__new__  # Sample(...) runs a Python-level __new__
 _AWAIT_DEMAND = 1
 _AWAIT_SUMMATION = 2
 

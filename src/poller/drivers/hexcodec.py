@@ -41,10 +41,7 @@ def _digits(text: str) -> str:
 
 def decode_unsigned_hex(text: str) -> int:
     """``"0x0003e8"`` -> 1000. Raises ValueError on anything else."""
-    match = _HEX_DIGITS.fullmatch(text)
-    if match is None:
-        raise ValueError("not a hex number")
-    return int(match.group(1), 16)
+    return int(_digits(text), 16)
 
 
 def decode_signed_hex(text: str) -> int:
