@@ -62,8 +62,8 @@ class CallbackTransport(Protocol):
 
 class DeviceLoop:
     __slots__ = (
-        "_counts", "_deadline", "_done", "_due", "_in_flight", "_index", "_interval", "_phase",
-        "_polls", "_pool", "_prep_cache", "_session", "_stop_waiter", "_stopped", "_timeout",
+        "_counts", "_deadline", "_due", "_in_flight", "_index", "_interval", "_phase", "_polls",
+        "_pool", "_prep_cache", "_session", "_stop_waiter", "_stopped", "_timeout",
         "_timeout_for", "_transport", "target",
     )
 
@@ -87,8 +87,6 @@ class DeviceLoop:
         self._timeout_for = -1.0
         """The pool's timeout setting ``_timeout`` was computed for."""
         self._timeout = 0.0
-        self._done = self._on_done
-        """The transport's callback, bound once rather than per request."""
 
     @property
     def in_flight(self) -> bool:
@@ -172,7 +170,7 @@ class DeviceLoop:
                 # tenth poll) is prepared when sent rather than held by every
                 # device: 400 B a device saved for 0.3 µs a poll.
                 self._prep_cache = (request, prepared)
-        self._transport.start(prepared, self._deadline, self._done)
+        self._transport.start(prepared, self._deadline, self._on_done)
 
     def _on_done(self, result: HttpResponse | BaseException) -> None:
         if isinstance(result, BaseException):
