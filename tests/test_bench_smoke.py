@@ -13,6 +13,7 @@ from typing import Any
 
 from poller import config
 from poller.bench.run import add_arguments, run_bench
+from poller.bench.serves import shard_dir
 from tests.stackfix import RunningStack
 
 NUMBER = (int, float)
@@ -113,5 +114,5 @@ def test_bench_shards_poll_the_fleet_once_between_them(stack: RunningStack, fres
                           (logs / f"serve-{k}.log").read_text())
         assert found, f"serve-{k} did not log its shard"
         polled.append(int(found.group(1)))
-        assert (tmp_path / "state" / f"shard-{k}" / "spool").is_dir()
+        assert (shard_dir(tmp_path / "state", k) / "spool").is_dir()
     assert sum(polled) == 50 and min(polled) > 0

@@ -39,7 +39,7 @@ from poller.bench.report import (
     write_chart,
     write_json,
 )
-from poller.bench.serves import Serves, shard_env
+from poller.bench.serves import Serves, shard_dir, shard_env
 from poller.bench.wrkfloor import Floor, run_floor
 from poller.config import Settings
 from poller.simulator.fleet import DEFAULT_ID_OFFSET
@@ -398,8 +398,9 @@ class _Bench:
 
     def _snapshot(self, serves: Serves, sim: Child, sim_url: str, *,
                   reset: bool) -> _Snapshot:
-        spools = [self.state_dir / "spool"] + [self.state_dir / f"shard-{k}" / "spool"
-                                               for k in range(self.opts.shards)]
+        n = self.opts.shards
+        spools = [self.state_dir / "spool"] if n == 1 else \
+            [shard_dir(self.state_dir, k) / "spool" for k in range(n)]
         archive = storage.archive_bytes(self.settings, spools, self.s3_endpoint_url)
         if reset:
             http_json(sim_url + "/_sim/reset", method="POST", body={})

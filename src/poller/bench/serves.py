@@ -18,6 +18,11 @@ from poller.bench.children import BenchError, Child, http_json, http_text, wait_
 from poller.bench.measure import Histogram, Scrape, parse_metrics, process_cpu_s, rss_bytes
 
 
+def shard_dir(state_dir: Path, k: int) -> Path:
+    """The state directory (spool) of shard ``k`` under the bench's."""
+    return state_dir / f"shard-{k}"
+
+
 def shard_env(base: Mapping[str, str], state_dir: Path, k: int, n: int,
               key: str) -> dict[str, str]:
     """The environment of shard ``k`` of ``n``: ``key`` is the encoded sealing
@@ -26,7 +31,7 @@ def shard_env(base: Mapping[str, str], state_dir: Path, k: int, n: int,
     env.update({
         "POLLER_POLLING_SHARD": f"{k}/{n}",
         "POLLER_INSTANCE_ID": f"bench-shard-{k}",
-        "POLLER_STATE_DIR": str(state_dir / f"shard-{k}"),
+        "POLLER_STATE_DIR": str(shard_dir(state_dir, k)),
         "POLLER_SECRET_KEY": key,
     })
     return env
