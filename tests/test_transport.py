@@ -374,6 +374,11 @@ async def test_hanging_server_times_out_then_next_request_works(
     elapsed = time.monotonic() - began
     assert 0.28 <= elapsed <= 0.5
     assert (await client.fetch(get(server.url("/ok")), 2.0)).body == b"ok"
+    # The timed-out connection was dropped, so the deadline sweep may have
+    # stopped with no connection open; the next one must be swept again.
+    await asyncio.sleep(0.3)
+    with pytest.raises(TransportTimeout):
+        await client.fetch(get(server.url("/hang")), 0.3)
 
 
 async def test_connection_refused(make_client: MakeClient) -> None:
