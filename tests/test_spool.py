@@ -8,6 +8,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from poller.ingest.spool import (
     OPEN_SUFFIX,
     Spool,
+    SpoolError,
     SpoolPosition,
     decode_rows,
     encode_rows,
@@ -84,7 +86,7 @@ async def test_append_splits_by_hour_and_files_are_plain_gzip(tmp_path: Path) ->
     assert p2.segment == positions[1].segment and p2.start_offset == positions[1].end_offset
     names = sorted(os.listdir(tmp_path))
     assert names == ["inst-1.a-20251123T07-000001.ndjson.gz.open",
-                     "inst-1.a-20251123T08-000002.ndjson.gz.open", "seq"]
+                     "inst-1.a-20251123T08-000002.ndjson.gz.open", "inst-1.a.lock", "seq"]
     # Each member is a complete gzip member: the whole file reads with gzip.open and zcat.
     path = tmp_path / names[1]
     with gzip.open(path, "rb") as fh:
@@ -166,9 +168,11 @@ async def test_open_closes_stale_open_files_and_keeps_current_ones(tmp_path: Pat
     clock = FakeClock(H0 + 3500)
     spool = await opened(tmp_path, clock)
     old, cur = await spool.append(make_rows(2, H0 - 100) + make_rows(2, H0 + 1, first_id=5))
-    # Simulate kill -9: no close(); the worker thread is all that is stopped.
+    # Simulate kill -9: no close(); the worker thread stops and the lock goes
+    # with the process (its file descriptors close).
     assert spool._executor is not None
     spool._executor.shutdown()
+    spool._unlock()
     clock.now = H0 + 3600 + 5
     again = await opened(tmp_path, clock)
     assert [s.name for s in again.closed_segments()] == [old.segment]
@@ -226,6 +230,55 @@ def test_torn_tail_is_cut_and_earlier_members_kept(
             assert not path.exists()  # nothing intact: the empty file is dropped at close
 
     asyncio.run(check())
+
+
+async def test_second_writer_of_a_spool_is_refused_until_the_first_is_gone(
+        tmp_path: Path) -> None:
+    first = await opened(tmp_path, FakeClock(H0))
+    await first.append(make_rows(2, H0 + 1))
+    second = Spool(tmp_path, "inst-1.a", FakeClock(H0))
+    with pytest.raises(SpoolError, match=rf"in use by process {os.getpid()} with instance "
+                       r"id 'inst-1.a': one poller per spool"):
+        await second.open()
+    # The refused spool touched nothing and can be retried; another instance
+    # id in the same directory is a different writer and is allowed.
+    other = await opened(tmp_path, FakeClock(H0), instance="inst-2")
+    await other.close()
+    await first.close()
+    await second.open()
+    assert [s.name for s in second.segments()] == ["inst-1.a-20251123T08-000001.ndjson.gz"]
+    await second.close()
+
+
+def test_spool_lock_dies_with_its_process(tmp_path: Path) -> None:
+    """kill -9 releases the lock: the next start is never blocked by a corpse."""
+    code = ("import asyncio, sys, time\n"
+            "from pathlib import Path\n"
+            "from poller.ingest.spool import Spool\n"
+            "async def main():\n"
+            "    await Spool(Path(sys.argv[1]), 'inst-1.a').open()\n"
+            "    print('open', flush=True)\n"
+            "    time.sleep(60)\n"
+            "asyncio.run(main())\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+
+        async def try_open() -> None:
+            await opened(tmp_path, FakeClock(H0))
+
+        with pytest.raises(SpoolError, match=rf"in use by process {holder.pid} "):
+            asyncio.run(try_open())
+    finally:
+        holder.kill()
+        holder.wait()
+
+    async def reopen() -> None:
+        spool = await opened(tmp_path, FakeClock(H0))
+        await spool.close()
+
+    asyncio.run(reopen())
 
 
 async def test_disk_usage_and_pending_bytes(tmp_path: Path) -> None:

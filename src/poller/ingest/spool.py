@@ -14,12 +14,19 @@ new segment instead of reopening a finished file.
 
 File work runs on one worker thread owned by the spool, which also orders
 every write; the event loop only awaits it.
+
+One process writes an instance's segments: :meth:`Spool.open` takes an
+exclusive ``flock`` on ``{instance}.lock`` in the directory and holds it until
+:meth:`Spool.close` (or the process's death, even by kill -9). A second
+``poller serve`` on the same state directory and instance id is refused: two
+writers would each close, upload and delete the other's segments.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import fcntl
 import gzip
 import logging
 import os
@@ -220,6 +227,7 @@ class Spool:
         self._closed: dict[str, SegmentInfo] = {}
         self._next_seq = 1
         self._executor: ThreadPoolExecutor | None = None
+        self._lock_fd: int | None = None
         self.cut_bytes = 0
         """Bytes of torn tails cut at the last :meth:`open`."""
 
@@ -230,7 +238,13 @@ class Spool:
         if self._executor is not None:
             raise RuntimeError("Spool.open() called twice")
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="spool")
-        await self._run(self._open_sync)
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            self._unlock()
+            raise
 
     async def close(self) -> None:
         """Close every open segment and stop the worker thread. Idempotent."""
@@ -241,6 +255,7 @@ class Spool:
         finally:
             self._executor.shutdown(wait=True)
             self._executor = None
+            self._unlock()
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._executor is None:
@@ -353,8 +368,31 @@ class Spool:
 
     # -- worker thread -----------------------------------------------------
 
+    def _lock_directory(self) -> None:
+        path = self.directory / f"{self.instance_id}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise SpoolError(
+                f"spool {self.directory} is in use by {who} with instance id "
+                f"{self.instance_id!r}: one poller per spool (give each its own "
+                "state_dir or instance_id)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
     def _open_sync(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_directory()
         max_seq = 0
         open_files: list[tuple[int, int, str]] = []
         for entry in os.scandir(self.directory):
