@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from poller.config import IngestSettings
 from poller.ingest.pgload import PgLoader
 from poller.ingest.pipeline import Ingest
@@ -56,3 +58,18 @@ async def test_full_spool_holds_readings_and_stops_accepting_at_the_bound(
         assert sorted(stored) == sorted(rows)  # every reading, each once
     finally:
         await spool.close()
+
+
+async def test_a_start_refused_by_a_held_spool_stops_cleanly(tmp_path: Path) -> None:
+    holder = Spool(tmp_path / "spool", "t", time.time)
+    await holder.open()
+    try:
+        spool = Spool(tmp_path / "spool", "t", time.time)
+        loader = PgLoader("postgresql://127.0.0.1:1/unused", "t", spool)
+        ingest = Ingest(IngestSettings(), spool, loader, None, None)
+        with pytest.raises(SpoolError, match="one poller per spool"):
+            await ingest.start()
+        await ingest.stop(time.monotonic() + 5)  # no second error hides the first
+        assert not spool.is_open
+    finally:
+        await holder.close()

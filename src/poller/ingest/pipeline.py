@@ -147,6 +147,11 @@ class Ingest:
         (``time.monotonic()``). What is not done by then stays in the spool for
         the next start. Order: buffer -> spool -> Postgres -> close segments ->
         S3 -> Redis -> close."""
+        if not self.spool.is_open:
+            # start() failed before the spool opened (another process holds
+            # it): nothing was accepted, nothing to flush or close.
+            await self.loader.stop()
+            return
         # The flusher and the loader finish the step they are in (a spool
         # write cancelled half-way would lose its batch); the rest is cancelled.
         self._stopping = True

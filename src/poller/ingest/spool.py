@@ -246,6 +246,10 @@ class Spool:
             self._unlock()
             raise
 
+    @property
+    def is_open(self) -> bool:
+        return self._executor is not None
+
     async def close(self) -> None:
         """Close every open segment and stop the worker thread. Idempotent."""
         if self._executor is None:
