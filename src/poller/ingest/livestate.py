@@ -69,7 +69,8 @@ class LiveState:
                  counters_every_s: float = 30.0) -> None:
         self._counters_every_s = counters_every_s
         self._counters_at = 0.0
-        self._waiting: dict[int, Target] = {}
+        self._waiting: dict[Target, Target] = {}
+        """Targets whose status document is due, oldest first (keyed by identity)."""
         self._url = redis_url
         self._targets = targets
         self._take_dirty = take_dirty
@@ -103,7 +104,7 @@ class LiveState:
         waiting = self._waiting
         for t in dirty:
             t.dirty = False
-            waiting[id(t)] = t
+            waiting[t] = t
         if self._client is None:
             return
         now = time.monotonic()
@@ -126,7 +127,7 @@ class LiveState:
                 # writes the whole fleet at once (a 150 ms stall at 10k).
                 changed = [t for t in dirty if t.state_changed]
                 for t in changed:
-                    waiting.pop(id(t), None)
+                    waiting.pop(t, None)
                 span = max(now - self._counters_at, 1e-3)
                 self._counters_at = now
                 quota = math.ceil(len(waiting) * min(1.0, span / self._counters_every_s))
@@ -170,7 +171,7 @@ class LiveState:
         commands: list[bytes] = []
         polled = [t for t in fresh if t.latest is not None]
         docs = reading_docs([t.latest for t in polled])  # type: ignore[misc]
-        state: list[tuple[bytes, bytes]] = []
+        state: list[bytes] = []
         for t in documents:
             t.state_changed = False
             cloud_id = t.record.cloud_id
@@ -178,12 +179,15 @@ class LiveState:
             if base:
                 _fold(t, base)
             snap = t.snapshot()
-            state.append((cloud_id.encode(), orjson.dumps(snap)))
+            # Framed at once: orjson's result holds a 4 KiB allocation whatever
+            # its length, so 10k documents kept in a list until the command is
+            # joined would hold 40 MB (the first flush writes every device).
+            state.append(resp_pair(cloud_id.encode(), orjson.dumps(snap)))
             if snap["failures"] and (self._needs_rebuild or t.last_outcome != "ok"):
                 commands.append(hset_command(keys.failures(cloud_id).encode(), [
                     (k.encode(), str(n).encode()) for k, n in snap["failures"].items()]))
         if state:
-            commands.append(hset_command(_STATE_KEY, state))
+            commands.append(hset_framed(_STATE_KEY, state))
         if polled:
             commands.append(hset_command(_LATEST_KEY, [
                 (t.record.cloud_id.encode(), doc) for t, doc in zip(polled, docs, strict=True)]))
@@ -217,9 +221,18 @@ _LATEST_KEY = keys.LATEST.encode()
 
 def hset_command(key: bytes, items: list[tuple[bytes, bytes]]) -> bytes:
     """``HSET key field value ...`` in RESP, as Redis reads it off the wire."""
-    head = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * len(items), len(key), key)
-    return head + b"".join([b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(f), f, len(v), v)
-                            for f, v in items])
+    return hset_framed(key, [resp_pair(f, v) for f, v in items])
+
+
+def resp_pair(field: bytes, value: bytes) -> bytes:
+    """One field and its value as RESP bulk strings."""
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(field), field, len(value), value)
+
+
+def hset_framed(key: bytes, pairs: list[bytes]) -> bytes:
+    """``HSET`` of pairs already framed by :func:`resp_pair`."""
+    head = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * len(pairs), len(key), key)
+    return head + b"".join(pairs)
 
 
 def _fold(t: Target, base: dict[str, Any]) -> None:
