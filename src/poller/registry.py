@@ -73,12 +73,17 @@ def _record(row: asyncpg.Record) -> DeviceRecord:
     if isinstance(options, str):
         options = orjson.loads(options)
     url = row["url"]
-    # Driver names and shared endpoint URLs repeat across a fleet: one string
-    # each instead of one per device.
+    interval = float(row["interval_s"])
+    if len(_INTERVALS) < 1024:
+        interval = _INTERVALS.setdefault(interval, interval)
+    # Driver names, shared endpoint URLs and intervals repeat across a fleet:
+    # one object each instead of one per device.
     return DeviceRecord(row["id"], row["cloud_id"], row["email"], sys.intern(row["driver"]),
                         None if url is None else sys.intern(url), options or _NO_OPTIONS,
-                        float(row["interval_s"]), row["enabled"], row["created_at"],
-                        row["updated_at"])
+                        interval, row["enabled"], row["created_at"], row["updated_at"])
+
+
+_INTERVALS: dict[float, float] = {}
 
 
 # -- validation -------------------------------------------------------------

@@ -219,11 +219,12 @@ def parse_summation(body: bytes, secret: str = "") -> tuple[float | None, float,
 class EagleCloudSession:
     """One device's exchange with the cloud; requests are built once."""
 
-    __slots__ = ("_demand", "_pending", "_secret", "_state", "_summation", "_with_totals")
+    __slots__ = ("_demand", "_pending", "_secret", "_state", "_with_totals")
 
     def __init__(self, url: str, headers: tuple[tuple[str, str], ...], secret: str) -> None:
         self._demand = HttpRequest("POST", url, headers, DEMAND_COMMAND)
-        self._summation = HttpRequest("POST", url, headers, SUMMATION_COMMAND)
+        # The totals request (every tenth poll) is made when needed: one
+        # object fewer for every device of a large fleet.
         self._secret = secret
         self._state = _IDLE
         self._with_totals = False
@@ -247,7 +248,8 @@ class EagleCloudSession:
                 return _new_tuple(Sample, (device_at, demand_w, None, None, None))
             self._pending = (device_at, demand_w)
             self._state = _AWAIT_SUMMATION
-            return self._summation
+            demand = self._demand
+            return HttpRequest("POST", demand.url, demand.headers, SUMMATION_COMMAND)
         if state == _AWAIT_SUMMATION:
             summed_at, delivered, received = parse_summation(checked_body(response), self._secret)
             device_at, demand_w = self._pending

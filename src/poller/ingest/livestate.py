@@ -250,6 +250,6 @@ def _fold(t: Target, base: dict[str, Any]) -> None:
             for outcome, n in failures.items():
                 index = _OUTCOME_BY_NAME.get(outcome)
                 if index is not None:
-                    t.outcomes[index] += int(n)
+                    t.count_failure(index, int(n))
     except (TypeError, ValueError):
         log.warning("device %s: unreadable counters in Redis ignored", t.cloud_id)

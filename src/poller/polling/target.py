@@ -30,13 +30,13 @@ class Target:
     __slots__ = (
         "consecutive_failures",
         "dirty",
+        "failures",
         "first_reading_at",
         "last_error",
         "last_outcome",
         "last_poll_at",
         "last_reading_at",
         "latest",
-        "outcomes",
         "readings",
         "record",
         "skipped_ticks",
@@ -50,7 +50,9 @@ class Target:
         self.last_outcome: str | None = None
         self.last_error: str | None = None
         self.consecutive_failures = 0
-        self.outcomes = [0] * len(OUTCOMES)
+        self.failures: list[int] | None = None
+        """Failed polls by outcome index (OUTCOMES order; ok stays 0), made at
+        the first failure: a healthy device carries no list (112 B saved)."""
         self.readings = 0
         self.skipped_ticks = 0
         self.first_reading_at: float | None = None
@@ -61,13 +63,19 @@ class Target:
         self.state_changed = True
         """Set on each state change; the live-state writer clears it."""
 
+    def count_failure(self, index: int, n: int = 1) -> None:
+        counts = self.failures
+        if counts is None:
+            counts = self.failures = [0] * len(OUTCOMES)
+        counts[index] += n
+
     @property
     def cloud_id(self) -> str:
         return self.record.cloud_id
 
     def inherit(self, old: Target) -> None:
         """Keep the counters of the loop this one replaces (state starts afresh)."""
-        self.outcomes = old.outcomes
+        self.failures = old.failures
         self.readings = old.readings
         self.skipped_ticks = old.skipped_ticks
         self.first_reading_at = old.first_reading_at
@@ -86,6 +94,6 @@ class Target:
             "last_timestamp": self.last_reading_at,
             "last_poll_at": self.last_poll_at,
             "skipped_ticks": self.skipped_ticks,
-            "failures": {o.value: n for o, n in zip(OUTCOMES, self.outcomes, strict=True)
-                         if n and o.value != "ok"},
+            "failures": {} if self.failures is None else {
+                o.value: n for o, n in zip(OUTCOMES, self.failures, strict=True) if n},
         }

@@ -42,6 +42,9 @@ class PreparedRequest:
         return f"PreparedRequest({self.request.method} {self.key}, {len(self.raw)} bytes)"
 
 
+_PORTS: dict[int, int] = {}
+
+
 def prepare(request: HttpRequest) -> PreparedRequest:
     """Serialise ``request`` to HTTP/1.1 bytes; raise ValueError if it cannot be sent.
 
@@ -71,6 +74,7 @@ def prepare(request: HttpRequest) -> PreparedRequest:
         port = parts.port or _DEFAULT_PORTS[scheme]
     except ValueError as exc:
         raise ValueError(f"invalid port in URL: {exc}") from None
+    port = _PORTS.setdefault(port, port)  # one int object per port, not per device
     target = parts.path or "/"
     if parts.query:
         target = f"{target}?{parts.query}"
