@@ -48,3 +48,85 @@ def test_hset_command_is_what_redis_reads(stack: RunningStack) -> None:
             await client.aclose()
 
     assert asyncio.run(run()) == dict(items)
+
+
+def test_a_large_flush_lets_the_loop_run_and_writes_everything(stack: RunningStack) -> None:
+    """Thousands of changed devices are written in steps with turns of the
+    event loop between them (polls due meanwhile start on time), and every
+    latest reading and status document arrives."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    import redis.asyncio as aioredis
+
+    from poller import keys
+    from poller.ingest.livestate import _STEP, LiveState
+    from poller.polling.target import Target
+    from poller.registry import DeviceRecord
+    from tests.rows import make_rows
+
+    n = 4 * _STEP + 7
+    now = datetime.now(UTC)
+    targets = []
+    for r in make_rows(n, 1_764_000_000.0):
+        t = Target(DeviceRecord(r.device_id, r.cloud_id, "a@example.com", "eagle-cloud", None,
+                                {}, 6.0, True, now, now))
+        t.latest = r
+        targets.append(t)
+    # A database of its own on the shared server: these keys are the real ones.
+    url = stack.info.redis_url.rsplit("/", 1)[0] + "/9"
+
+    turns = 0
+    turns_at_send: list[int] = []
+
+    class Recording(LiveState):
+        async def _send(self, commands: list[bytes]) -> None:
+            turns_at_send.append(turns)
+            await super()._send(commands)
+
+    async def run() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        nonlocal turns
+        dirty: list[Target] = []
+
+        def take() -> list[Target]:
+            taken = dirty[:]
+            dirty.clear()
+            return taken
+
+        live = Recording(url, lambda: targets, take)
+        client = aioredis.from_url(url)
+        try:
+            await client.flushdb()
+            await live.start()  # the first flush writes the fleet
+            await client.flushdb()
+            for t in targets:  # every device changed state since
+                t.state_changed = True
+            dirty.extend(targets)
+            done = asyncio.Event()
+
+            async def ticker() -> None:
+                nonlocal turns
+                while not done.is_set():
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            turns_at_send.clear()
+            turns = 0
+            await live.flush()
+            done.set()
+            await task
+            return await client.hgetall(keys.LATEST), await client.hgetall(keys.STATE)
+        finally:
+            await live.close()
+            await client.flushdb()
+            await client.aclose()
+
+    latest, state = asyncio.run(run())
+    # The loop turned between the steps of building the commands, before a
+    # byte went to Redis: two passes (readings, status documents) of n / _STEP.
+    assert turns_at_send and turns_at_send[0] >= 2 * (n // _STEP)
+    assert len(latest) == n and len(state) == n
+    assert all(t.cloud_id.encode() in latest and t.cloud_id.encode() in state
+               for t in targets)
