@@ -171,6 +171,22 @@ async def test_catch_up_loads_exactly_the_missing_members(pool: asyncpg.Pool,
     assert await checkpoint(pool, first) is None and not restarted.is_loaded(first)
 
 
+async def test_catch_up_passes_over_a_segment_postgres_refuses(pool: asyncpg.Pool,
+                                                              spool: Spool) -> None:
+    # A rule of this database's (not of ours) that one reading breaks.
+    await pool.execute("ALTER TABLE readings ADD CONSTRAINT no_666 CHECK (device_id <> 666)")
+    loader = await loader_for(pool, spool)
+    poisoned = make_rows(5, H0 + 6, first_id=664)  # devices 664..668
+    fine = make_rows(5, H0 + 3600 + 6, first_id=1)
+    bad_pos, good_pos = await spool.append(poisoned + fine)
+    assert bad_pos.segment != good_pos.segment  # two hours, two segments
+    assert await loader.catch_up() == len(fine)  # the later segment did not wait
+    assert await db_rows(pool) == as_db(fine)
+    assert loader.segments_refused == 1
+    assert await checkpoint(pool, bad_pos.segment) in (None, (0, 0))
+    assert not loader.is_loaded(bad_pos.segment)  # so never deleted from the spool
+
+
 async def test_backend_killed_mid_copy_leaves_neither_rows_nor_checkpoint(
         pool: asyncpg.Pool, spool: Spool, db_url: str) -> None:
     loader = await loader_for(pool, spool)

@@ -172,6 +172,8 @@ class PgLoader:
         self._loaded: dict[str, int] = {}
         self.rows_loaded = 0
         """Rows inserted into ``readings`` by this loader since it started."""
+        self.segments_refused = 0
+        """Segments a catch-up passed over because Postgres refused their data."""
         self.duplicates_seen = 0
         """Batches that met existing rows and went through the staging table."""
 
@@ -231,6 +233,12 @@ class PgLoader:
             except FileNotFoundError:
                 # Deleted since listed: the deleter had it loaded already.
                 continue
+            except LoaderError as exc:
+                # Data Postgres refuses: it stays in the spool (never deleted
+                # unloaded) and goes to the archive; the segments after it
+                # must not wait behind it.
+                self.segments_refused += 1
+                log.error("loader: %s refused, left in the spool: %s", info.name, exc)
         if total:
             elapsed = time.perf_counter() - started
             log.info("loader: caught up %d readings in %.1f s (%.0f rows/s)", total, elapsed,
