@@ -147,6 +147,28 @@ def test_totals_poll_asks_demand_then_summation_and_merges() -> None:
     assert isinstance(s.feed(ok(demand)), Sample)
 
 
+def test_repeat_starts_the_same_poll_without_holding_a_request() -> None:
+    import gc
+
+    s = session()
+    first = s.begin(False)
+    demand = fixture("cloud_instantaneous_demand_response__")
+    assert isinstance(s.feed(ok(demand)), Sample)
+    # repeat() stands for begin(): the poll goes on exactly as after begin(),
+    # totals included, and the request it stands for is what begin() makes.
+    assert s.repeat(True) is True
+    second = s.feed(ok(demand))
+    assert isinstance(second, HttpRequest) and b"get_current_summation" in second.body
+    assert isinstance(s.feed(ok(fixture("uploader_v2_current_summation__"))), Sample)
+    assert s.begin(False) == first
+    # What the polling loop relies on to keep only the wire bytes: the
+    # session refers to no request, nor header pairs, of its own.
+    held = [getattr(s, name) for name in type(s).__slots__]
+    held += gc.get_referents(*held)
+    assert not [o for o in held if isinstance(o, HttpRequest)
+                or (isinstance(o, tuple) and any(isinstance(i, tuple) for i in o))]
+
+
 def test_feed_without_begin_is_a_programming_error() -> None:
     s = session()
     with pytest.raises(RuntimeError):

@@ -134,6 +134,25 @@ async def test_readings_carry_values_the_simulator_served(rig: Rig) -> None:
     assert with_totals >= 20  # the first poll of each device reads the totals
 
 
+async def test_repeating_sessions_leave_the_loop_only_wire_bytes(rig: Rig) -> None:
+    """eagle-cloud sessions repeat their first request: after the first poll
+    each loop sends its kept bytes, and neither loop nor session holds a
+    request object; totals polls (every third here) still read the meter."""
+    from poller.transport.prepared import PreparedRequest
+
+    rig.pool.sync(rig.fleet(10, 0.5))
+    await asyncio.sleep(2.2)
+    per_device = collections.Counter(r.device_id for r in rig.sink.readings)
+    assert len(per_device) == 10 and min(per_device.values()) >= 4  # repeated polls
+    totals = collections.Counter(r.device_id for r in rig.sink.readings
+                                 if r.delivered_wh is not None)
+    assert all(totals[d] >= 2 for d in per_device)  # first and fourth poll at least
+    for lp in rig.pool.loops.values():
+        assert lp._prep_request is None
+        assert isinstance(lp._prepared, PreparedRequest)
+        assert b"get_instantaneous_demand" in lp._prepared.raw
+
+
 async def test_overrun_skips_ticks_and_never_bursts(rig: Rig) -> None:
     interval = 0.3
     rig.pool.sync(rig.fleet(20, interval))

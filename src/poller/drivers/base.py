@@ -94,7 +94,13 @@ class DeviceSession(Protocol):
         ...
 
     def feed(self, response: HttpResponse) -> HttpRequest | Sample:
-        """Next request of this poll, or its result. Raises PollFailure."""
+        """Next request of this poll, or its result. Raises PollFailure.
+
+        A session may also define ``repeat(with_totals) -> bool``: start a
+        poll whose first request equals the one the last ``begin()``
+        returned, and say so (False: call ``begin()``). The polling loop then
+        keeps only that request's wire bytes, and the session need not keep
+        the request at all."""
         ...
 
 

@@ -174,7 +174,7 @@ class FastHttpClient:
         self._conns: set[HttpConnection] = set()
         self._connecting: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._prepared_cache: dict[int, PreparedRequest] = {}
+        self._prepared_cache: dict[int, tuple[HttpRequest, PreparedRequest]] = {}
         self._n_open = 0
         self._n_waiters = 0
         self._started = 0
@@ -188,14 +188,14 @@ class FastHttpClient:
         """``prepare(request)``, cached by the identity of ``request``."""
         cache = self._prepared_cache
         found = cache.get(id(request))
-        # The cache holds the request itself, so its id cannot be reused by
+        # The entry holds the request itself, so its id cannot be reused by
         # another object while the entry exists.
-        if found is not None and found.request is request:
-            return found
+        if found is not None and found[0] is request:
+            return found[1]
         prepared = prepare(request)
         if len(cache) >= self._cache_size:
             cache.clear()
-        cache[id(request)] = prepared
+        cache[id(request)] = (request, prepared)
         return prepared
 
     async def fetch(

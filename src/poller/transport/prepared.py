@@ -26,12 +26,9 @@ class PreparedRequest:
     complete request, written to the socket as it is.
     """
 
-    __slots__ = ("host", "key", "port", "raw", "request", "tls")
+    __slots__ = ("host", "key", "port", "raw", "tls")
 
-    def __init__(
-        self, request: HttpRequest, key: str, host: str, port: int, tls: bool, raw: bytes
-    ) -> None:
-        self.request = request
+    def __init__(self, key: str, host: str, port: int, tls: bool, raw: bytes) -> None:
         self.key = key
         self.host = host
         self.port = port
@@ -39,7 +36,8 @@ class PreparedRequest:
         self.raw = raw
 
     def __repr__(self) -> str:
-        return f"PreparedRequest({self.request.method} {self.key}, {len(self.raw)} bytes)"
+        method = self.raw.split(b" ", 1)[0].decode("ascii")
+        return f"PreparedRequest({method} {self.key}, {len(self.raw)} bytes)"
 
 
 _PORTS: dict[int, int] = {}
@@ -112,4 +110,4 @@ def prepare(request: HttpRequest) -> PreparedRequest:
     # Interned: a fleet behind one cloud host shares these strings instead
     # of holding two copies per device (190 B a device, measured).
     key = sys.intern(f"{scheme}://{netloc}")
-    return PreparedRequest(request, key, sys.intern(host), port, scheme == "https", head + body)
+    return PreparedRequest(key, sys.intern(host), port, scheme == "https", head + body)
