@@ -62,7 +62,7 @@ class CallbackTransport(Protocol):
 
 class DeviceLoop:
     __slots__ = (
-        "_counts", "_deadline", "_due", "_in_flight", "_index", "_interval", "_phase", "_polls",
+        "_counts", "_due", "_in_flight", "_index", "_interval", "_phase", "_polls",
         "_pool", "_prep_request", "_prepared", "_session", "_stop_waiter", "_stopped", "_timeout",
         "_timeout_for", "_transport", "target",
     )
@@ -77,7 +77,6 @@ class DeviceLoop:
         self._phase = phase_s
         self._index = 0
         self._due = 0.0
-        self._deadline = 0.0
         self._polls = 0
         self._in_flight = False
         self._stopped = False
@@ -149,13 +148,13 @@ class DeviceLoop:
         pool.stats.polls_started += 1
         pool.in_flight += 1
         self._in_flight = True
-        self._deadline = self._due + self._timeout
         self._polls += 1
         with_totals = self._polls % pool.totals_every == 1 or pool.totals_every == 1
         try:
             if self._prep_request is None and self._prepared is not None and \
                     self._session.repeat(with_totals):  # type: ignore[attr-defined]
-                self._transport.start(self._prepared, self._deadline, self._on_done)
+                self._transport.start(self._prepared, self._due + self._timeout,
+                                      self._on_done)
                 return
             request = self._session.begin(with_totals)
         except Exception as exc:  # a driver bug must not escape into the wheel
@@ -178,7 +177,8 @@ class DeviceLoop:
                 self._prepared = prepared
                 self._prep_request = None if hasattr(type(self._session), "repeat") \
                     else request
-        self._transport.start(prepared, self._deadline, self._on_done)
+        # The poll's deadline (a follow-up shares it), not kept: a float a device.
+        self._transport.start(prepared, self._due + self._timeout, self._on_done)
 
     def _on_done(self, result: HttpResponse | BaseException) -> None:
         if isinstance(result, BaseException):
