@@ -130,3 +130,60 @@ def test_a_large_flush_lets_the_loop_run_and_writes_everything(stack: RunningSta
     assert len(latest) == n and len(state) == n
     assert all(t.cloud_id.encode() in latest and t.cloud_id.encode() in state
                for t in targets)
+
+
+def test_counters_continue_from_redis_for_own_devices_only(stack: RunningStack) -> None:
+    """What Redis counted for a device before this process (an earlier run)
+    is added to its counters once, before its first write; entries of other
+    shards' devices are neither read into memory nor touched."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    import orjson
+    import redis.asyncio as aioredis
+
+    from poller import keys
+    from poller.ingest.livestate import LiveState
+    from poller.polling.target import Target
+    from poller.registry import DeviceRecord
+    from tests.rows import make_rows
+
+    now = datetime.now(UTC)
+    (row,) = make_rows(1, 1_764_000_000.0)
+    mine = Target(DeviceRecord(row.device_id, row.cloud_id, "a@example.com", "eagle-cloud",
+                               None, {}, 6.0, True, now, now))
+    mine.latest = row
+    mine.readings = 3
+    url = stack.info.redis_url.rsplit("/", 1)[0] + "/9"
+    before = {"cloud_id": row.cloud_id, "state": "ok", "total_events_logged": 7,
+              "first_timestamp": 1_700_000_000.0, "failures": {"timeout": 2}}
+    others = {f"other-{i}": orjson.dumps({"total_events_logged": i}) for i in range(300)}
+
+    async def run() -> tuple[dict[str, object], dict[bytes, bytes]]:
+        client = aioredis.from_url(url)
+        live = LiveState(url, lambda: [mine], lambda: [mine])
+        try:
+            await client.flushdb()
+            await client.hset(keys.STATE, mapping={row.cloud_id: orjson.dumps(before),
+                                                   **others})
+            await live.start()
+            mine.readings += 1  # one more poll, then the next flush
+            mine.state_changed = True
+            await live.flush()
+            doc = orjson.loads(await client.hget(keys.STATE, row.cloud_id))
+            rest = await client.hgetall(keys.STATE)
+            # Nothing of the other devices stays in the writer's memory.
+            held = [v for v in vars(live).values() if isinstance(v, dict)]
+            assert not [d for d in held if "other-0" in d or b"other-0" in d]
+            return doc, rest
+        finally:
+            await live.close()
+            await client.flushdb()
+            await client.aclose()
+
+    doc, rest = asyncio.run(run())
+    assert mine.counted
+    assert doc["total_events_logged"] == 7 + 4  # folded once, not on every write
+    assert doc["first_timestamp"] == 1_700_000_000.0
+    assert doc["failures"] == {"timeout": 2}
+    assert {k.decode(): v for k, v in rest.items() if k != row.cloud_id.encode()} == others

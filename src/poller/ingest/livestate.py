@@ -3,9 +3,13 @@
 What is written for each device changed since the last flush: its latest
 reading (``keys.LATEST``), its status and counters (``keys.STATE``) and, when
 it failed, its failure counts (``keys.failures``). Counters are absolute:
-the count Redis had when this process started (its baseline) plus what this
-process counted since. With Redis down, polling and storage go on; when it
-answers again every device's state is written afresh from memory.
+the count Redis had for the device before this process wrote it (read with
+one HMGET for the devices of a flush that were never written, just before
+their first write) plus what this process counted since. Only this
+instance's devices are read: the hash also holds other shards' devices and
+devices long removed, which a whole-hash read kept in memory for good.
+With Redis down, polling and storage go on; when it answers again every
+device's state is written afresh from memory.
 
 Cost: the latest reading of every polled device is written at every flush; a
 device's status document is written at once when its state changes and
@@ -78,7 +82,6 @@ class LiveState:
         self._targets = targets
         self._take_dirty = take_dirty
         self._client: aioredis.Redis | None = None
-        self._baseline: dict[str, dict[str, Any]] | None = None
         self._needs_rebuild = True
         self.up = False
         self.writes = 0
@@ -112,8 +115,6 @@ class LiveState:
             return
         now = time.monotonic()
         try:
-            if self._baseline is None:
-                self._baseline = await self._load_baseline()
             if self._needs_rebuild:
                 everyone = self._targets()
                 for start in range(0, len(everyone), _SLICE):
@@ -150,22 +151,24 @@ class LiveState:
             self.up = False
             self._needs_rebuild = True
 
-    async def _load_baseline(self) -> dict[str, dict[str, Any]]:
-        """What Redis counted before this process started, per device: only the
-        counters (a few numbers each), folded into each target on its first
-        write and then dropped."""
+    async def _fold_baselines(self, documents: list[Target]) -> None:
+        """Add what Redis counted for ``documents`` never written by this
+        process into their counters, before their first write replaces it."""
         assert self._client is not None
-        raw = await self._client.hgetall(keys.STATE)
-        baseline: dict[str, dict[str, Any]] = {}
-        for cloud_id, doc in raw.items():
+        unread = [t for t in documents if not t.counted]
+        if not unread:
+            return
+        raw = await self._client.hmget(keys.STATE, [t.record.cloud_id for t in unread])
+        for t, doc in zip(unread, raw, strict=True):
+            t.counted = True
+            if doc is None:
+                continue
             try:
                 parsed = orjson.loads(doc)
             except orjson.JSONDecodeError:
                 continue  # a corrupt entry is rewritten from memory
             if isinstance(parsed, dict):
-                name = cloud_id.decode() if isinstance(cloud_id, bytes) else cloud_id
-                baseline[name] = {k: parsed.get(k) for k in _COUNTERS}
-        return baseline
+                _fold(t, {k: parsed.get(k) for k in _COUNTERS})
 
     async def _write(self, fresh: list[Target], documents: list[Target]) -> None:
         """Latest readings of ``fresh``; status documents of ``documents``.
@@ -174,7 +177,7 @@ class LiveState:
         between steps: at 50k devices a flush carries some 8k readings, and
         building their commands in one go held the loop (and every poll due
         meanwhile) for tens of milliseconds. Sent as one pipeline."""
-        assert self._client is not None and self._baseline is not None
+        assert self._client is not None
         commands: list[bytes] = []
         polled = [t for t in fresh if t.latest is not None]
         for start in range(0, len(polled), _STEP):
@@ -188,20 +191,17 @@ class LiveState:
         for start in range(0, len(documents), _STEP):
             if commands:
                 await asyncio.sleep(0)
-            self._status_commands(documents[start:start + _STEP], commands)
+            part = documents[start:start + _STEP]
+            await self._fold_baselines(part)
+            self._status_commands(part, commands)
         if commands:
             await self._send(commands)
 
     def _status_commands(self, documents: list[Target], commands: list[bytes]) -> None:
-        assert self._baseline is not None
-        baseline = self._baseline
         state: list[bytes] = []
         for t in documents:
             t.state_changed = False
             cloud_id = t.record.cloud_id
-            base = baseline.pop(cloud_id, None)
-            if base:
-                _fold(t, base)
             snap = t.snapshot()
             # Framed at once: orjson's result holds a 4 KiB allocation whatever
             # its length, so 10k documents kept in a list until the command is

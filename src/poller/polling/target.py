@@ -29,6 +29,7 @@ class DeviceState(enum.Enum):
 class Target:
     __slots__ = (
         "consecutive_failures",
+        "counted",
         "dirty",
         "failures",
         "first_reading_at",
@@ -62,6 +63,9 @@ class Target:
         self.dirty = False
         self.state_changed = True
         """Set on each state change; the live-state writer clears it."""
+        self.counted = False
+        """The counters include what Redis had for this device (the
+        live-state writer reads it once, before the device's first write)."""
 
     def count_failure(self, index: int, n: int = 1) -> None:
         counts = self.failures
@@ -81,6 +85,7 @@ class Target:
         self.first_reading_at = old.first_reading_at
         self.last_reading_at = old.last_reading_at
         self.latest = old.latest
+        self.counted = old.counted
 
     def snapshot(self) -> dict[str, Any]:
         return {
