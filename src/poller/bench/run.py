@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -345,6 +346,7 @@ class _Bench:
             recorder = Recorder(serves.pids[0], opts.duration_s, opts.profile_path)
         start = self._snapshot(serves, sim, sim_url, reset=True)
         series: list[Sample] = []
+        rss_samples: list[int] = []
         last = start.scrape
         last_t = start.mono
         end_at = start.mono + opts.duration_s
@@ -358,6 +360,8 @@ class _Bench:
             scrape = serves.scrape()
             sample = _sample(now - start.mono, now - last_t, last, scrape)
             series.append(sample)
+            if (rss_now := serves.rss_bytes()) is not None:
+                rss_samples.append(rss_now)
             last, last_t = scrape, now
             _status(f"{label}: {end_at - now:4.0f} s left, {sample.polls_ok_per_s:,.0f} polls/s, "
                     f"p99 lateness {_ms(sample.lateness_p99_s)}")
@@ -367,7 +371,9 @@ class _Bench:
             self.profile = recorder.finish()
             if not self.profile.available:
                 self.notes.append(f"profile not recorded: {self.profile.reason}")
-        rss = serves.rss_bytes()
+        # The median over the window: one reading at its end could land on a
+        # flush's transient buffers, a few hundred bytes a device either way.
+        rss = int(statistics.median(rss_samples)) if rss_samples else serves.rss_bytes()
         jitter = http_json(sim_url + "/_sim/jitter")
         sim_requests = int(http_json(sim_url + "/_sim/stats")["requests"])
         k = math.floor((end.wall - start.wall) / opts.interval_s + 1e-9)
