@@ -35,6 +35,7 @@ from poller.ingest.pipeline import Ingest
 from poller.ingest.spool import Spool
 from poller.polling.engine import PollingEngine
 from poller.polling.stats import LogHistogram
+from poller.tasks import cancel_and_wait
 
 log = logging.getLogger("poller.service")
 _PARTITION_CHECK_S = 3600.0
@@ -252,11 +253,7 @@ class Service:
                                        max(0.1, deadline - time.monotonic())))
         if self.ingest is not None:
             await self.ingest.stop(deadline)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self.store is not None:
             await self.store.close()
         if self._pool is not None:

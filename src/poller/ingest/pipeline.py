@@ -33,6 +33,7 @@ from poller.ingest.pgload import LoaderError, LoaderUnavailable, PgLoader
 from poller.ingest.spool import Spool, SpoolError, SpoolPosition
 from poller.polling.stats import LogHistogram
 from poller.reading import Reading
+from poller.tasks import cancel_and_wait
 
 log = logging.getLogger("poller.ingest")
 _ROTATE_EVERY_S = 1.0
@@ -159,11 +160,7 @@ class Ingest:
         graceful = [t for t in self._tasks if t.get_name() in ("ingest-flusher", "ingest-loader")]
         if graceful:
             await asyncio.wait(graceful, timeout=max(0.1, deadline - time.monotonic()))
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         while self._buffer and time.monotonic() < deadline:
             if not await self._flush_once():
                 await asyncio.sleep(0.2)
@@ -368,8 +365,10 @@ class Ingest:
 
     async def _live_loop(self) -> None:
         assert self.live is not None
-        while True:
-            await asyncio.sleep(self.settings.flush_interval_s)
+        while not self._stopping:
+            await self._pause(self.settings.flush_interval_s)
+            if self._stopping:
+                return  # stop() writes the final state itself
             try:
                 await self.live.flush()  # Redis trouble is handled inside
             except Exception:

@@ -26,6 +26,7 @@ import asyncpg
 from poller.polling.pool import DevicePool
 from poller.registry import CHANNEL, RESYNC_ALL, Registry
 from poller.sealing import SecretBox
+from poller.tasks import cancel_and_wait
 
 log = logging.getLogger("poller.polling")
 _DEBOUNCE_S = 0.05
@@ -50,6 +51,7 @@ class RegistryWatcher:
         self._task: asyncio.Task[None] | None = None
         self.resyncs = 0
         self.connected = False
+        self._stopping = False
 
     async def start(self) -> None:
         """Load every device once (fails loudly if Postgres is down), then watch."""
@@ -58,10 +60,9 @@ class RegistryWatcher:
         self._task = asyncio.create_task(self._run(), name="registry-watcher")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
         await self._disconnect()
 
@@ -94,10 +95,12 @@ class RegistryWatcher:
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self.resync_interval_s
         failures = 0
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_resync - loop.time()))
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 if self._conn is None or self._conn.is_closed():
                     await self._disconnect()
