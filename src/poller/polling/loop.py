@@ -151,6 +151,8 @@ class DeviceLoop:
         self._polls += 1
         with_totals = self._polls % pool.totals_every == 1 or pool.totals_every == 1
         try:
+            # Bytes kept without the request they came from: the session
+            # repeats its first request (see _send), so ask it to start again.
             if self._prep_request is None and self._prepared is not None and \
                     self._session.repeat(with_totals):  # type: ignore[attr-defined]
                 self._transport.start(self._prepared, self._due + self._timeout,
