@@ -555,6 +555,24 @@ async def test_prepare_serialises_once() -> None:
             prepare(bad)
 
 
+
+def test_requests_to_one_place_share_all_but_their_own_headers() -> None:
+    def request(device: str, body: bytes) -> HttpRequest:
+        return HttpRequest("POST", "http://cloud.example:9445/cgi-bin/post_manager",
+                           (("Cloud-ID", device), ("Content-Type", "text/xml")), body)
+
+    first = prepare(request("0x01", b"<Command>demand</Command>"))
+    second = prepare(request("0x02", b"<Command>demand</Command>"))
+    other_body = prepare(request("0x01", b"<Command>totals</Command>"))
+    assert first.start is second.start and first.end is second.end
+    assert first.headers == b"Cloud-ID: 0x01\r\nContent-Type: text/xml\r\n"
+    assert second.raw == (
+        b"POST /cgi-bin/post_manager HTTP/1.1\r\nHost: cloud.example:9445\r\n"
+        b"Cloud-ID: 0x02\r\nContent-Type: text/xml\r\n"
+        b"Content-Length: 25\r\nConnection: keep-alive\r\n\r\n<Command>demand</Command>"
+    )
+    assert other_body.start is first.start and other_body.end != first.end
+
 async def test_callback_api_and_stats(web_server: WebServer) -> None:
     client = FastHttpClient(max_connections_per_host=2)
     loop = asyncio.get_running_loop()

@@ -126,7 +126,7 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = deadline
         transport = self.transport
         assert transport is not None  # only open connections are handed out
-        transport.write(prepared.raw)
+        transport.write(prepared.start + prepared.headers + prepared.end)
 
     def abort(self) -> None:
         """Drop the socket now; any exchange is failed by the owner first."""
