@@ -76,6 +76,8 @@ async def test_registry_round_trip_and_rejections(fresh_db: str,
         rec = await reg.add("00CE69", email="owner@example.com", driver="eagle-cloud", url=None,
                             interval_s=6, options={}, secret=PASSWORD)
         assert rec.cloud_id == "00ce69"
+        # A device never changed holds one datetime for both (48 B a device).
+        assert rec.created_at is rec.updated_at
         with pytest.raises(ConflictError, match="already registered"):
             await reg.add("00ce69", email="owner@example.com", driver="eagle-cloud", url=None,
                           interval_s=6, options={}, secret=PASSWORD)
@@ -90,6 +92,7 @@ async def test_registry_round_trip_and_rejections(fresh_db: str,
                 await reg.add(str(cid), **args)  # type: ignore[arg-type]
         updated = await reg.update("00ce69", interval_s=10, secret="new-secret")
         assert updated.interval_s == 10
+        assert updated.updated_at > updated.created_at == rec.created_at
         specs = await reg.specs()
         assert specs[rec.id][1].secret == "new-secret"
         assert [r.cloud_id for r in await reg.listing()] == ["00ce69"]

@@ -76,11 +76,14 @@ def _record(row: asyncpg.Record) -> DeviceRecord:
     interval = float(row["interval_s"])
     if len(_INTERVALS) < 1024:
         interval = _INTERVALS.setdefault(interval, interval)
+    created, updated = row["created_at"], row["updated_at"]
+    if created == updated:  # never changed since it was added: one datetime (48 B)
+        created = updated
     # Driver names, shared endpoint URLs and intervals repeat across a fleet:
     # one object each instead of one per device.
     return DeviceRecord(row["id"], row["cloud_id"], row["email"], sys.intern(row["driver"]),
                         None if url is None else sys.intern(url), options or _NO_OPTIONS,
-                        interval, row["enabled"], row["created_at"], row["updated_at"])
+                        interval, row["enabled"], created, updated)
 
 
 _INTERVALS: dict[float, float] = {}
