@@ -160,6 +160,10 @@ def test_repeat_starts_the_same_poll_without_holding_a_request() -> None:
     second = s.feed(ok(demand))
     assert isinstance(second, HttpRequest) and b"get_current_summation" in second.body
     assert isinstance(s.feed(ok(fixture("uploader_v2_current_summation__"))), Sample)
+    # Nor, once a totals poll has ended, the demand half (device time first)
+    # it held meanwhile.
+    assert not [v for v in (getattr(s, name) for name in type(s).__slots__)
+                if isinstance(v, tuple) and v and isinstance(v[0], float)]
     assert s.begin(False) == first
     # What the polling loop relies on to keep only the wire bytes: the
     # session refers to no request, nor header pairs, of its own.

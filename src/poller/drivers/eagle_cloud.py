@@ -80,6 +80,7 @@ _FLAT_FIELD = re.compile(rf"<({_XML_NAME})>([^<&]*)</({_XML_NAME})>")
 _new_tuple = tuple.__new__  # Sample(...) runs a Python-level __new__
 _CONTENT_TYPE = ("Content-Type", "text/xml")
 
+_NO_PENDING: tuple[float | None, float] = (None, 0.0)
 _IDLE = 0
 _AWAIT_DEMAND = 1
 _AWAIT_SUMMATION = 2
@@ -234,7 +235,7 @@ class EagleCloudSession:
         self._secret = secret
         self._state = _IDLE
         self._with_totals = False
-        self._pending: tuple[float | None, float] = (None, 0.0)
+        self._pending: tuple[float | None, float] = _NO_PENDING
 
     def __repr__(self) -> str:
         return f"EagleCloudSession(url={self._url!r})"
@@ -268,6 +269,7 @@ class EagleCloudSession:
         if state == _AWAIT_SUMMATION:
             summed_at, delivered, received = parse_summation(checked_body(response), self._secret)
             device_at, demand_w = self._pending
+            self._pending = _NO_PENDING  # not held by every device until its next totals poll
             if device_at is None:
                 device_at = summed_at
             return _new_tuple(Sample, (device_at, demand_w, delivered, received, None))
