@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -116,3 +121,60 @@ def test_bench_shards_poll_the_fleet_once_between_them(stack: RunningStack, fres
         polled.append(int(found.group(1)))
         assert (shard_dir(tmp_path / "state", k) / "spool").is_dir()
     assert sum(polled) == 50 and min(polled) > 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_the_bench_and_every_process_it_started(
+        stack: RunningStack, fresh_db: str, tmp_path: Path) -> None:
+    env = {**os.environ, "POLLER_DATABASE_URL": fresh_db,
+           "POLLER_REDIS_URL": stack.info.redis_url,
+           "POLLER_S3_ENDPOINT_URL": stack.info.s3_endpoint_url,
+           "POLLER_S3_BUCKET": stack.info.bucket,
+           "POLLER_S3_PREFIX": f"bench-{uuid.uuid4().hex[:8]}"}
+    log = tmp_path / "bench.err"
+    leftovers: list[int] = []
+    with log.open("wb") as err:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "poller", "--state-dir", str(tmp_path / "state"), "bench",
+             "--devices", "20", "--interval", "1", "--duration", "120", "--warmup", "1",
+             "--no-wrk", "--no-rss-slope", "--json", str(tmp_path / "bench.json")],
+            stdout=subprocess.DEVNULL, stderr=err, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while b"measuring for" not in log.read_bytes():
+            assert bench.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        started = _children(bench.pid)
+        assert len(started) == 2  # the simulator and the poller
+        bench.send_signal(signal.SIGTERM)
+        leftovers = started
+        assert bench.wait(timeout=90) == 128 + signal.SIGTERM
+        assert not [pid for pid in started if _alive(pid)], log.read_text()
+        assert not (tmp_path / "bench.json").exists()  # a cut run reports nothing
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for pid in [p for p in leftovers if _alive(p)]:  # only if the bench failed to
+            os.kill(pid, signal.SIGKILL)

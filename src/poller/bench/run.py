@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -118,14 +119,25 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if hasattr(args, "state_dir") \
         else Path(settings.state_dir) / "bench"
     bench = _Bench(settings, opts, state_dir.resolve())
+    # SIGTERM would end the bench where it stands and leave the simulator,
+    # the pollers and the embedded servers running: make it unwind through
+    # the ``finally`` that stops them, as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         report = bench.run()
     finally:
-        bench.close()
+        try:
+            bench.close()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     sys.stdout.write(render(report))
     write_json(report, opts.json_path)
     _progress(f"results: {opts.json_path}")
     return 0
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _options(args: argparse.Namespace) -> _Options:
