@@ -820,3 +820,17 @@ def test_prepared_request_is_reused_by_fetch() -> None:
     assert isinstance(prepared, PreparedRequest)
     assert client.prepared(get("http://127.0.0.1:1/")) is not prepared
     assert client.prepared(request) is prepared
+
+
+def test_response_headers_read_as_lower_cased_text_pairs() -> None:
+    from poller.transport.connection import ResponseHeaders
+
+    raw = [(b"Content-Type", b"text/xml"), (b"X-Caf\xe9", b"d\xe9j\xe0 vu")]
+    headers = ResponseHeaders(raw)
+    assert len(headers) == 2
+    assert headers[1] == ("x-caf\u00e9", "d\u00e9j\u00e0 vu")
+    assert headers == (("content-type", "text/xml"), ("x-caf\u00e9", "d\u00e9j\u00e0 vu"))
+    assert headers[:1] == (("content-type", "text/xml"),)
+    assert dict(headers)["content-type"] == "text/xml"
+    assert headers != (("content-type", "text/xml"),) and headers != "text"
+    assert "content-type" in repr(headers)

