@@ -151,6 +151,9 @@ async def test_repeating_sessions_leave_the_loop_only_wire_bytes(rig: Rig) -> No
         assert lp._prep_request is None
         assert isinstance(lp._prepared, PreparedRequest)
         assert b"get_instantaneous_demand" in lp._prepared.raw
+        # The fast transport's template is shared; a device keeps its headers.
+        assert lp._own is not None and lp.target.cloud_id.encode() in lp._own
+    assert len({id(lp._prepared) for lp in rig.pool.loops.values()}) == 1
 
 
 async def test_overrun_skips_ticks_and_never_bursts(rig: Rig) -> None:

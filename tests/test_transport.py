@@ -834,3 +834,25 @@ def test_response_headers_read_as_lower_cased_text_pairs() -> None:
     assert dict(headers)["content-type"] == "text/xml"
     assert headers != (("content-type", "text/xml"),) and headers != "text"
     assert "content-type" in repr(headers)
+
+
+async def test_a_shared_template_with_own_headers_sends_the_same_request(
+        web_server: WebServer) -> None:
+    client = FastHttpClient(max_connections_per_host=1)
+    loop = asyncio.get_running_loop()
+    url = f"http://127.0.0.1:{web_server.port}/echo"
+    first = client.prepared(get(url, (("X-Test", "device one"),)))
+    second = client.prepared(get(url, (("X-Test", "device two"),)))
+    template, own = client.shared(first)
+    assert client.shared(second)[0] is template and template.headers == b""
+    assert own == first.headers
+    # One connection, reused: the second request also goes out through a
+    # connection that is already open (the send path), not only a new one.
+    for headers, seen in ((own, "device one"), (second.headers, "device two")):
+        done: asyncio.Future[HttpResponse | BaseException] = loop.create_future()
+        client.start(template, loop.time() + 2.0, done.set_result, headers)
+        response = await asyncio.wait_for(done, 5.0)
+        assert isinstance(response, HttpResponse)
+        assert header(response, "x-seen") == seen
+    assert client.stats().connections_opened == 1
+    await client.close()

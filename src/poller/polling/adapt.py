@@ -26,7 +26,10 @@ class FetchAdapter:
     def prepared(self, request: HttpRequest) -> Any:
         return request
 
-    def start(self, prepared: Any, deadline: float, on_done: OnDone) -> None:
+    def start(self, prepared: Any, deadline: float, on_done: OnDone,
+              headers: bytes | None = None) -> None:
+        # ``headers`` belongs to the fast transport's ``shared`` split, which
+        # this adapter does not offer: it is always None here.
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._run(prepared, max(0.001, deadline - loop.time()), on_done))
         self._tasks.add(task)

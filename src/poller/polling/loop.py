@@ -57,12 +57,13 @@ class CallbackTransport(Protocol):
 
     def prepared(self, request: HttpRequest) -> Any: ...
 
-    def start(self, prepared: Any, deadline: float, on_done: Any) -> None: ...
+    def start(self, prepared: Any, deadline: float, on_done: Any,
+              headers: bytes | None = None) -> None: ...
 
 
 class DeviceLoop:
     __slots__ = (
-        "_counts", "_due", "_in_flight", "_index", "_interval", "_phase", "_polls",
+        "_counts", "_due", "_in_flight", "_index", "_interval", "_own", "_phase", "_polls",
         "_pool", "_prep_request", "_prepared", "_session", "_stop_waiter", "_stopped", "_timeout",
         "_timeout_for", "_transport", "target",
     )
@@ -83,6 +84,9 @@ class DeviceLoop:
         self._stop_waiter: asyncio.Future[None] | None = None
         self._prep_request: HttpRequest | None = None
         self._prepared: Any = None
+        self._own: bytes | None = None
+        """With a repeating session on the fast transport, ``_prepared`` is the
+        template every device shares and these are the device's own headers."""
         self._counts = pool.stats.driver_outcomes(target.record.driver)
         self._timeout_for = -1.0
         """The pool's timeout setting ``_timeout`` was computed for."""
@@ -156,7 +160,7 @@ class DeviceLoop:
             if self._prep_request is None and self._prepared is not None and \
                     self._session.repeat(with_totals):  # type: ignore[attr-defined]
                 self._transport.start(self._prepared, self._due + self._timeout,
-                                      self._on_done)
+                                      self._on_done, self._own)
                 return
             request = self._session.begin(with_totals)
         except Exception as exc:  # a driver bug must not escape into the wheel
@@ -176,9 +180,16 @@ class DeviceLoop:
                 # 0.3 µs a poll). A session that can ``repeat`` its first
                 # request is asked that; others are matched by the identity of
                 # the request object they return (they reuse it).
-                self._prepared = prepared
-                self._prep_request = None if hasattr(type(self._session), "repeat") \
-                    else request
+                if hasattr(type(self._session), "repeat"):
+                    self._prep_request = None
+                    shared = getattr(self._transport, "shared", None)
+                    if shared is not None:
+                        self._prepared, self._own = shared(prepared)
+                    else:
+                        self._prepared = prepared
+                else:
+                    self._prepared = prepared
+                    self._prep_request = request
         # The poll's deadline (a follow-up shares it), not kept: a float a device.
         self._transport.start(prepared, self._due + self._timeout, self._on_done)
 

@@ -89,7 +89,7 @@ class ConnectionOwner(Protocol):
 
     def discard(self, conn: HttpConnection) -> None: ...
 
-    def retry(self, conn: HttpConnection, prepared: PreparedRequest,
+    def retry(self, conn: HttpConnection, prepared: PreparedRequest, headers: bytes,
               deadline: float, on_done: OnDone) -> None: ...
 
 
@@ -112,6 +112,7 @@ class HttpConnection(asyncio.Protocol):
         "_owner",
         "_parser",
         "_prepared",
+        "_sent_headers",
         "_status",
         "dead",
         "deadline",
@@ -138,6 +139,7 @@ class HttpConnection(asyncio.Protocol):
         """Responses completed on this connection."""
         self._on_done: OnDone | None = None
         self._prepared: PreparedRequest | None = None
+        self._sent_headers = b""
         self.deadline = math.inf
         """``time.monotonic()`` by which the exchange must end; inf when idle."""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -158,15 +160,18 @@ class HttpConnection(asyncio.Protocol):
 
     # -- driven by the owner -------------------------------------------------
 
-    def send(self, prepared: PreparedRequest, deadline: float, on_done: OnDone) -> None:
-        """Start one exchange; ``on_done`` gets the response or the error."""
+    def send(self, prepared: PreparedRequest, headers: bytes, deadline: float,
+             on_done: OnDone) -> None:
+        """Start one exchange of ``prepared`` with ``headers`` as its own
+        header lines; ``on_done`` gets the response or the error."""
         self._reset_exchange()
         self._prepared = prepared
+        self._sent_headers = headers
         self._on_done = on_done
         self.deadline = deadline
         transport = self.transport
         assert transport is not None  # only open connections are handed out
-        transport.write(prepared.start + prepared.headers + prepared.end)
+        transport.write(prepared.start + headers + prepared.end)
 
     def abort(self) -> None:
         """Drop the socket now; any exchange is failed by the owner first."""
@@ -251,7 +256,7 @@ class HttpConnection(asyncio.Protocol):
             # notice: nothing of the answer arrived, so the server did not act
             # on this request; our requests are idempotent reads, so one retry
             # on a fresh connection is safe.
-            self._owner.retry(self, prepared, deadline, on_done)
+            self._owner.retry(self, prepared, self._sent_headers, deadline, on_done)
             return
         self._owner.discard(self)
         where = prepared.key

@@ -87,13 +87,15 @@ class _Pending:
     Its deadline is an entry in the client's deadline wheel; ``armed`` is
     cleared when the request moves on, so the entry then does nothing."""
 
-    __slots__ = ("armed", "client", "conn", "deadline", "on_done", "pool", "prepared", "task")
+    __slots__ = ("armed", "client", "conn", "deadline", "headers", "on_done", "pool", "prepared",
+                 "task")
 
     def __init__(self, client: FastHttpClient, pool: _HostPool, prepared: PreparedRequest,
-                 deadline: float, on_done: OnDone) -> None:
+                 headers: bytes, deadline: float, on_done: OnDone) -> None:
         self.client = client
         self.pool = pool
         self.prepared = prepared
+        self.headers = headers
         self.deadline = deadline
         self.on_done = on_done
         self.armed = False
@@ -175,6 +177,7 @@ class FastHttpClient:
         self._connecting: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._prepared_cache: dict[int, tuple[HttpRequest, PreparedRequest]] = {}
+        self._templates: dict[tuple[str, bytes, bytes], PreparedRequest] = {}
         self._n_open = 0
         self._n_waiters = 0
         self._started = 0
@@ -212,8 +215,27 @@ class FastHttpClient:
         self.start(prepared, loop.time() + timeout_s, partial(_settle, fut))
         return await fut
 
-    def start(self, prepared: PreparedRequest, deadline: float, on_done: OnDone) -> None:
-        """Send ``prepared``; call ``on_done`` with the response or the error.
+    def shared(self, prepared: PreparedRequest) -> tuple[PreparedRequest, bytes]:
+        """``(template, headers)``: what ``prepared`` shares with every request
+        to the same place with the same body, and its own header lines.
+
+        ``start(template, ..., headers=headers)`` sends ``prepared``. A caller
+        that sends one request for ever (a device loop) keeps the two instead
+        of its own PreparedRequest: 80 B a device."""
+        key = (prepared.key, prepared.start, prepared.end)
+        template = self._templates.get(key)
+        if template is None:
+            if len(self._templates) >= self._cache_size:
+                self._templates.clear()
+            template = self._templates[key] = PreparedRequest(
+                prepared.key, prepared.host, prepared.port, prepared.tls, prepared.start, b"",
+                prepared.end)
+        return template, prepared.headers
+
+    def start(self, prepared: PreparedRequest, deadline: float, on_done: OnDone,
+              headers: bytes | None = None) -> None:
+        """Send ``prepared`` (with ``headers`` in place of its own, if given);
+        call ``on_done`` with the response or the error.
 
         ``deadline`` is in ``loop.time()`` units. ``on_done`` is called exactly
         once, never from inside ``start()``, and must not raise. Errors are
@@ -223,6 +245,8 @@ class FastHttpClient:
         if self._closed:
             raise RuntimeError("FastHttpClient is closed")
         self._started += 1
+        if headers is None:
+            headers = prepared.headers
         pool = self._pools.get(prepared.key)
         if pool is None:
             pool = self._new_pool(prepared)
@@ -230,9 +254,9 @@ class FastHttpClient:
         if idle:
             conn = idle.popitem()[0]
             del self._idle_lru[conn]
-            conn.send(prepared, deadline, on_done)
+            conn.send(prepared, headers, deadline, on_done)
             return
-        self._start_slow(pool, prepared, deadline, on_done)
+        self._start_slow(pool, prepared, headers, deadline, on_done)
 
     def stats(self) -> TransportStats:
         return TransportStats(
@@ -297,7 +321,7 @@ class FastHttpClient:
         pending = self._pop_waiter(pool) if pool.waiters else None
         if pending is not None:
             self._disarm(pending)
-            conn.send(pending.prepared, pending.deadline, pending.on_done)
+            conn.send(pending.prepared, pending.headers, pending.deadline, pending.on_done)
             return
         if self._starved:
             # Another host is blocked by the global cap: give it this slot.
@@ -314,7 +338,8 @@ class FastHttpClient:
         self._slot_freed(pool)
 
     def retry(
-        self, conn: HttpConnection, prepared: PreparedRequest, deadline: float, on_done: OnDone
+        self, conn: HttpConnection, prepared: PreparedRequest, headers: bytes, deadline: float,
+        on_done: OnDone,
     ) -> None:
         pool = self._forget(conn)
         if self._closed:
@@ -322,7 +347,7 @@ class FastHttpClient:
             return
         # The retry inherits the dead connection's slot, so no waiter can
         # take it in between.
-        pending = _Pending(self, pool, prepared, deadline, on_done)
+        pending = _Pending(self, pool, prepared, headers, deadline, on_done)
         self._arm_deadline(pending)
         self._take_slot(pool)
         self._open(pool, pending)
@@ -344,7 +369,8 @@ class FastHttpClient:
         return pool
 
     def _start_slow(
-        self, pool: _HostPool, prepared: PreparedRequest, deadline: float, on_done: OnDone
+        self, pool: _HostPool, prepared: PreparedRequest, headers: bytes, deadline: float,
+        on_done: OnDone,
     ) -> None:
         loop = self._loop
         assert loop is not None
@@ -353,7 +379,7 @@ class FastHttpClient:
                 # Only the global cap blocks: retire the stalest idle connection.
                 self.discard(next(iter(self._idle_lru)))
             if self._n_open < self._max_open and not pool.waiters:
-                pending = _Pending(self, pool, prepared, deadline, on_done)
+                pending = _Pending(self, pool, prepared, headers, deadline, on_done)
                 self._arm_deadline(pending)
                 self._take_slot(pool)
                 self._open(pool, pending)
@@ -362,7 +388,7 @@ class FastHttpClient:
             err = TransportPoolFull(f"{self._n_waiters} requests already wait for a connection")
             loop.call_soon(self.deliver, on_done, err)
             return
-        pending = _Pending(self, pool, prepared, deadline, on_done)
+        pending = _Pending(self, pool, prepared, headers, deadline, on_done)
         self._arm_deadline(pending)
         pool.waiters[pending] = None
         self._n_waiters += 1
@@ -512,7 +538,7 @@ class FastHttpClient:
         self._conns.add(conn)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._deadline_res, self._sweep)
-        conn.send(pending.prepared, pending.deadline, pending.on_done)
+        conn.send(pending.prepared, pending.headers, pending.deadline, pending.on_done)
 
     def _sweep(self) -> None:
         """Fail the exchanges past their deadline; again while connections are open."""
