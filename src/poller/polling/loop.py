@@ -63,7 +63,7 @@ class CallbackTransport(Protocol):
 
 class DeviceLoop:
     __slots__ = (
-        "_counts", "_due", "_in_flight", "_index", "_interval", "_own", "_phase", "_polls",
+        "_counts", "_in_flight", "_index", "_interval", "_own", "_phase", "_polls",
         "_pool", "_prep_request", "_prepared", "_session", "_stop_waiter", "_stopped", "_timeout",
         "_timeout_for", "_transport", "target",
     )
@@ -77,7 +77,6 @@ class DeviceLoop:
         self._interval = interval_s
         self._phase = phase_s
         self._index = 0
-        self._due = 0.0
         self._polls = 0
         self._in_flight = False
         self._stopped = False
@@ -122,8 +121,13 @@ class DeviceLoop:
     def _schedule(self, index: int) -> None:
         self._index = index
         pool = self._pool
-        self._due = index * self._interval + self._phase - pool.wall_offset
-        pool.wheel.add(self._due, self)
+        pool.wheel.add(index * self._interval + self._phase - pool.wall_offset, self)
+
+    def _deadline(self) -> float:
+        """When the current poll must end, in loop time: recomputed rather than
+        kept (a float and a slot, 32 B a device, for 60 ns a poll)."""
+        return self._index * self._interval + self._phase - self._pool.wall_offset + \
+            self._timeout
 
     def fire(self) -> None:
         """A tick is due (called by the wheel)."""
@@ -147,8 +151,8 @@ class DeviceLoop:
         if pool.timeout_s != self._timeout_for:  # first poll, or a SIGHUP changed it
             self._timeout_for = pool.timeout_s
             self._timeout = pool.timeout_for(self._interval)
-        now = pool.loop_time()
-        pool.stats.lateness.record(now - self._due)
+        due = self._index * self._interval + self._phase - pool.wall_offset
+        pool.stats.lateness.record(pool.loop_time() - due)
         pool.stats.polls_started += 1
         pool.in_flight += 1
         self._in_flight = True
@@ -159,16 +163,16 @@ class DeviceLoop:
             # repeats its first request (see _send), so ask it to start again.
             if self._prep_request is None and self._prepared is not None and \
                     self._session.repeat(with_totals):  # type: ignore[attr-defined]
-                self._transport.start(self._prepared, self._due + self._timeout,
-                                      self._on_done, self._own)
+                self._transport.start(self._prepared, due + self._timeout, self._on_done,
+                                      self._own)
                 return
             request = self._session.begin(with_totals)
         except Exception as exc:  # a driver bug must not escape into the wheel
             self._finish_failure(_I_UNPARSEABLE, f"driver error: {type(exc).__name__}")
             return
-        self._send(request, True)
+        self._send(request, due + self._timeout, True)
 
-    def _send(self, request: HttpRequest, first: bool = False) -> None:
+    def _send(self, request: HttpRequest, deadline: float, first: bool = False) -> None:
         if request is self._prep_request:
             prepared = self._prepared
         else:
@@ -190,8 +194,7 @@ class DeviceLoop:
                 else:
                     self._prepared = prepared
                     self._prep_request = request
-        # The poll's deadline (a follow-up shares it), not kept: a float a device.
-        self._transport.start(prepared, self._due + self._timeout, self._on_done)
+        self._transport.start(prepared, deadline, self._on_done)
 
     def _on_done(self, result: HttpResponse | BaseException) -> None:
         if isinstance(result, BaseException):
@@ -206,7 +209,7 @@ class DeviceLoop:
             self._finish_failure(_I_UNPARSEABLE, f"driver error: {type(exc).__name__}")
             return
         if isinstance(step, HttpRequest):
-            self._send(step)
+            self._send(step, self._deadline())  # a follow-up shares the poll's deadline
             return
         pool = self._pool
         target = self.target
