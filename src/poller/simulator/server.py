@@ -32,6 +32,10 @@ _SKIP = {b"Host", b"Content-Length", b"Content-Type", b"Accept", b"Connection",
 _BAD_REQUEST = responses.build(400, responses.TEXT, b"Bad Request\n", False, True)
 
 
+_DETACHED = httptools.HttpRequestParser(object())
+"""The parser of a lost connection: it refers to no protocol."""
+
+
 class _Pending:
     __slots__ = ("ready", "reply")
 
@@ -91,6 +95,10 @@ class HttpConnection(asyncio.Protocol):
             timer.cancel()
         self._timers.clear()
         self._queue.clear()
+        # Parser and transport refer back to this protocol: break the cycles
+        # so a closed connection is freed at once, not by the cyclic GC.
+        self._parser = _DETACHED
+        self._transport = None
 
     def data_received(self, data: bytes) -> None:
         if self._dead:

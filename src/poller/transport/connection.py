@@ -80,6 +80,10 @@ def _decoded(pair: tuple[bytes, bytes]) -> tuple[str, str]:
     return pair[0].decode("latin-1").lower(), pair[1].decode("latin-1")
 
 
+_DETACHED = HttpResponseParser(object())
+"""The parser of a lost connection: it refers to no protocol."""
+
+
 class ConnectionOwner(Protocol):
     """What a connection calls back into: the client that pools it."""
 
@@ -238,6 +242,18 @@ class HttpConnection(asyncio.Protocol):
         return False  # close our side too; connection_lost finishes the exchange
 
     def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost(exc)
+        finally:
+            # The parser and the transport refer back to this protocol: left
+            # in place, every closed connection was a reference cycle of a
+            # dozen objects only the cyclic GC could free (thousands a second
+            # with HTTP/1.0 devices, or under overload when deadlines close
+            # connections). Nothing reads them once the connection is lost.
+            self._parser = _DETACHED
+            self.transport = None
+
+    def _lost(self, exc: Exception | None) -> None:
         on_done = self._on_done
         if on_done is None:
             self._owner.discard(self)
