@@ -615,3 +615,47 @@ async def test_garbage_request_gets_400_and_close(sim: Simulator) -> None:
     data, error = await raw_exchange(sim, b"NOT HTTP AT ALL\r\n\r\n")
     assert error is None and data.startswith(b"HTTP/1.1 400")
     assert b"Connection: close" in data
+
+
+async def test_closed_connections_are_freed_without_the_cyclic_gc(sim: Simulator) -> None:
+    import gc
+
+    from poller.simulator.server import HttpConnection
+
+    close = raw_request("f00012").replace(b"Host: sim\r\n", b"Host: sim\r\nConnection: close\r\n")
+    gc.collect()
+    gc.disable()  # whatever is freed now is freed by reference counting
+    try:
+        for _ in range(10):
+            data, error = await raw_exchange(sim, close)
+            assert data.startswith(b"HTTP/1.1 200") and error is None
+        await asyncio.sleep(0.05)
+        assert [o for o in gc.get_objects() if type(o) is HttpConnection] == []
+    finally:
+        gc.enable()
+
+
+async def test_the_simulate_command_freezes_its_devices_as_they_are_built(
+        sim: Simulator) -> None:
+    import gc
+
+    from poller.simulator.main import freeze_as_the_fleet_grows
+
+    gc.unfreeze()
+    task = asyncio.create_task(freeze_as_the_fleet_grows(sim, period_s=0.05))
+    try:
+        await asyncio.sleep(0.12)
+        assert gc.get_freeze_count() == 0  # nothing built yet: nothing frozen
+        for cloud_id in ("f00001", "f00002"):
+            data, _ = await raw_exchange(sim, raw_request(cloud_id).replace(
+                b"Host: sim\r\n", b"Host: sim\r\nConnection: close\r\n"))
+            assert data.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.12)
+        assert gc.get_freeze_count() > 0
+        device = sim.fleet.get("f00001", 0.0)
+        assert device is not None
+        # Frozen: in no generation a collection walks.
+        assert all(device is not o for g in (0, 1, 2) for o in gc.get_objects(generation=g))
+    finally:
+        task.cancel()
+        gc.unfreeze()

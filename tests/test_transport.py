@@ -856,3 +856,29 @@ async def test_a_shared_template_with_own_headers_sends_the_same_request(
         assert header(response, "x-seen") == seen
     assert client.stats().connections_opened == 1
     await client.close()
+
+
+async def test_closed_connections_are_freed_without_the_cyclic_gc(
+        raw_servers: Callable[[Handler], Awaitable[RawServer]]) -> None:
+    import gc
+
+    from poller.transport.connection import HttpConnection
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nbye")
+
+    server = await raw_servers(handler)
+    client = FastHttpClient(deadline_resolution_s=0.01)
+    gc.collect()
+    gc.disable()  # whatever is freed now is freed by reference counting
+    try:
+        for _ in range(20):
+            got = await client.fetch(get(server.url()), 0.2)
+            assert got.body == b"bye"
+        await asyncio.sleep(0.3)  # past every deadline: nothing holds the requests
+        alive = [o for o in gc.get_objects() if type(o) is HttpConnection]
+        assert alive == []
+    finally:
+        gc.enable()
+        await client.close()

@@ -197,7 +197,8 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
 
     from poller.simulator.faults import FaultRates
     from poller.simulator.fleet import credentials_for
-    from poller.simulator.main import Simulator, SimulatorConfig
+    from poller.simulator.main import Simulator, SimulatorConfig, freeze_as_the_fleet_grows
+    from poller.tasks import cancel_and_wait
 
     rates: dict[str, float] = {}
     for item in args.fault:
@@ -227,6 +228,8 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
         sim = Simulator(cfg)
         port = await sim.start()
         base = f"http://{args.host}:{port}"
+        # Its own process: the heap policy is the simulator's to set.
+        freezer = asyncio.create_task(freeze_as_the_fleet_grows(sim))
         try:
             if db_url is not None:
                 from poller import db, migrate
@@ -251,6 +254,7 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
                      f"stats at {base}/_sim/stats, jitter at {base}/_sim/jitter")
             await stop.wait()
         finally:
+            await cancel_and_wait({freezer})
             await sim.stop()
         return 0
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
-import time
 
 import asyncpg
 
+from poller import heap
 from poller.polling.pool import DevicePool
 from poller.registry import CHANNEL, RESYNC_ALL, Registry
 from poller.sealing import SecretBox
@@ -161,16 +160,6 @@ class RegistryWatcher:
 
 def _freeze_heap() -> None:
     """Take what exists now (the fleet's loops, targets, sessions, the
-    libraries) out of the cyclic collector's reach.
-
-    At 100k devices the heap holds about a million tracked objects, and each
-    full collection (triggered as readings age through the generations)
-    walked them all: 160 ms for the pool alone, measured, every few seconds,
-    a stall on the loop and CPU spent proving live objects alive. Frozen
-    objects are still freed by reference counting; a collection runs first so
-    no garbage is frozen."""
-    started = time.perf_counter()
-    gc.collect()
-    gc.freeze()
-    log.info("froze %d objects out of the cyclic GC in %.0f ms", gc.get_freeze_count(),
-             (time.perf_counter() - started) * 1000)
+    libraries) out of the cyclic collector's reach (see poller.heap): at 100k
+    devices each full collection walked about a million live objects."""
+    heap.freeze("the device pool")

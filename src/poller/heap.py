@@ -1,0 +1,41 @@
+"""Keeping a process's per-device objects out of the cyclic GC.
+
+A poller (or a simulator) holds a few long-lived objects per device. CPython
+collects the oldest generation when it has grown by a quarter, and each full
+collection then walks every one of them: at 100k devices about a million
+objects, a pause of 160 ms in the poller (170 ms in the simulator), every
+few seconds, and every poll due meanwhile waits through it (measured with
+gc.callbacks). :func:`freeze` moves what exists into the permanent
+generation, which no collection walks; reference counting still frees those
+objects. Call it once the fleet is built.
+
+Raising the young thresholds as well was tried and dropped: it saved about
+1 % of CPU in a healthy run, and under overload, when cancelled connects
+leave reference cycles, it turned many short collections into few of up to
+750 ms.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+log = logging.getLogger("poller.heap")
+
+
+def freeze(what: str, *, collect: bool = True) -> int:
+    """Freeze the heap out of the collector's reach; the count frozen.
+
+    ``collect`` first runs a full collection so that no garbage is frozen
+    (a pause as long as one full collection, once); without it, garbage
+    cycles alive at this moment stay for good, which only a process that
+    makes few of them (the simulator) can afford."""
+    started = time.perf_counter()
+    if collect:
+        gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("froze %d objects (%s) out of the cyclic GC in %.0f ms", frozen, what,
+             (time.perf_counter() - started) * 1000)
+    return frozen
