@@ -245,13 +245,16 @@ class HttpConnection(asyncio.Protocol):
         try:
             self._lost(exc)
         finally:
-            # The parser and the transport refer back to this protocol: left
-            # in place, every closed connection was a reference cycle of a
-            # dozen objects only the cyclic GC could free (thousands a second
-            # with HTTP/1.0 devices, or under overload when deadlines close
-            # connections). Nothing reads them once the connection is lost.
-            self._parser = _DETACHED
-            self.transport = None
+            self.detach()
+
+    def detach(self) -> None:
+        """Drop the parser and the transport, which refer back to this
+        protocol: left in place, every closed (or never opened) connection was
+        a reference cycle of a dozen objects only the cyclic GC could free,
+        thousands a second with HTTP/1.0 or offline devices, or under
+        overload. For a connection that is lost or will never be used."""
+        self._parser = _DETACHED
+        self.transport = None
 
     def _lost(self, exc: Exception | None) -> None:
         on_done = self._on_done
