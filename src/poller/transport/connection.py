@@ -203,6 +203,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if self.dead:  # the connect was abandoned while it completed
             self.transport.abort()
+            self.detach()  # uvloop may not call connection_lost for it
 
     def data_received(self, data: bytes) -> None:
         if self._on_done is None:
