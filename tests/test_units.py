@@ -207,22 +207,30 @@ def test_alert_thresholds_match_poller_check() -> None:
         assert rules[alert].endswith(tail), (alert, rules[alert])
 
 
-def test_freezing_the_heap_collects_garbage_first_then_freezes() -> None:
+def test_building_the_pool_collects_once_then_freezes() -> None:
     import gc
     import weakref
 
-    from poller.polling.sync import _freeze_heap
+    from poller import heap
 
     class Node:
         pass
 
-    a, b = Node(), Node()
-    a.other, b.other = b, a  # type: ignore[attr-defined]
-    gone = weakref.ref(a)
-    del a, b
+    enabled = gc.isenabled()
+    gc.enable()
     try:
-        _freeze_heap()
+        with heap.building("a test graph"):
+            assert not gc.isenabled()  # no collection walks the graph being built
+            a, b = Node(), Node()
+            a.other, b.other = b, a  # type: ignore[attr-defined]
+            gone = weakref.ref(a)
+            kept = Node()
+            del a, b
+        assert gc.isenabled()
         assert gone() is None  # the cycle was collected, not frozen
         assert gc.get_freeze_count() > 0
+        assert all(kept is not o for g in (0, 1, 2) for o in gc.get_objects(generation=g))
     finally:
         gc.unfreeze()
+        if not enabled:
+            gc.disable()

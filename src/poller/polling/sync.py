@@ -146,20 +146,17 @@ class RegistryWatcher:
         for device_id in running:
             if device_id not in versions:
                 self._pool.update(device_id, None)
-        # In slices: at 100k devices one query and one dict of every record
-        # and opened secret is a peak the process keeps as RSS afterwards.
-        for start in range(0, len(changed), _SLICE):
-            ids = changed[start:start + _SLICE]
-            specs = await registry.specs(ids=ids)
-            for device_id in ids:
-                self._pool.update(device_id, specs.get(device_id))
+        # A bulk change (the start, a bulk registration) is built with the
+        # cyclic GC off and then frozen out of its reach (see poller.heap):
+        # at 100k devices each full collection walked a million live objects.
+        bulk = heap.building("the device pool") if len(changed) >= _FREEZE_AFTER \
+            else contextlib.nullcontext()
+        with bulk:
+            # In slices: at 100k devices one query and one dict of every record
+            # and opened secret is a peak the process keeps as RSS afterwards.
+            for start in range(0, len(changed), _SLICE):
+                ids = changed[start:start + _SLICE]
+                specs = await registry.specs(ids=ids)
+                for device_id in ids:
+                    self._pool.update(device_id, specs.get(device_id))
         self.resyncs += 1
-        if len(changed) >= _FREEZE_AFTER:
-            _freeze_heap()
-
-
-def _freeze_heap() -> None:
-    """Take what exists now (the fleet's loops, targets, sessions, the
-    libraries) out of the cyclic collector's reach (see poller.heap): at 100k
-    devices each full collection walked about a million live objects."""
-    heap.freeze("the device pool")
