@@ -10,9 +10,9 @@ generation, which no collection walks; reference counting still frees those
 objects. Call it once the fleet is built.
 
 Raising the young thresholds as well was tried and dropped: it saved about
-1 % of CPU in a healthy run, and under overload, when cancelled connects
-leave reference cycles, it turned many short collections into few of up to
-750 ms.
+1 % of CPU in a healthy run, and wherever reference cycles pile up (under
+overload, abandoned connects made them until they were fixed) it turns many
+short collections into a few of up to 750 ms.
 """
 
 from __future__ import annotations

@@ -184,16 +184,12 @@ class DeviceLoop:
                 # 0.3 µs a poll). A session that can ``repeat`` its first
                 # request is asked that; others are matched by the identity of
                 # the request object they return (they reuse it).
-                if hasattr(type(self._session), "repeat"):
-                    self._prep_request = None
+                if not hasattr(type(self._session), "repeat"):
+                    self._prepared, self._prep_request = prepared, request
+                else:  # the fast transport shares all but the device's headers
                     shared = getattr(self._transport, "shared", None)
-                    if shared is not None:
-                        self._prepared, self._own = shared(prepared)
-                    else:
-                        self._prepared = prepared
-                else:
-                    self._prepared = prepared
-                    self._prep_request = request
+                    self._prepared, self._own = (prepared, None) if shared is None \
+                        else shared(prepared)
         self._transport.start(prepared, deadline, self._on_done)
 
     def _on_done(self, result: HttpResponse | BaseException) -> None:
