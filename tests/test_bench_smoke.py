@@ -152,7 +152,7 @@ def test_sigterm_stops_the_bench_and_every_process_it_started(
            "POLLER_S3_BUCKET": stack.info.bucket,
            "POLLER_S3_PREFIX": f"bench-{uuid.uuid4().hex[:8]}"}
     log = tmp_path / "bench.err"
-    leftovers: list[int] = []
+    started: list[int] = []
     with log.open("wb") as err:
         bench = subprocess.Popen(
             [sys.executable, "-m", "poller", "--state-dir", str(tmp_path / "state"), "bench",
@@ -168,7 +168,6 @@ def test_sigterm_stops_the_bench_and_every_process_it_started(
         started = _children(bench.pid)
         assert len(started) == 2  # the simulator and the poller
         bench.send_signal(signal.SIGTERM)
-        leftovers = started
         assert bench.wait(timeout=90) == 128 + signal.SIGTERM
         assert not [pid for pid in started if _alive(pid)], log.read_text()
         assert not (tmp_path / "bench.json").exists()  # a cut run reports nothing
@@ -176,5 +175,5 @@ def test_sigterm_stops_the_bench_and_every_process_it_started(
         if bench.poll() is None:
             bench.kill()
             bench.wait()
-        for pid in [p for p in leftovers if _alive(p)]:  # only if the bench failed to
+        for pid in [p for p in started if _alive(p)]:  # only if the bench failed to
             os.kill(pid, signal.SIGKILL)
