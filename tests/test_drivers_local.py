@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -310,11 +311,26 @@ def test_local_values(
 
 @pytest.mark.parametrize(
     ("value", "units"),
-    [("2.79", "C"), ("abc", "kW"), ("nan", ""), ("inf kW", ""), ("1e9999", "kW"), ("1_000", "W")],
+    [("2.79", "C"), ("abc", "kW"), ("nanny", ""), ("infinite", "kW"), ("1_000", "W")],
 )
 def test_bad_local_values(value: str, units: str) -> None:
     with pytest.raises(ValueError):
         parse_local_value(value, units, POWER_UNITS_W)
+
+
+@pytest.mark.parametrize(
+    ("value", "units", "expected"),
+    [("nan", "", math.nan), ("NaN kW", None, math.nan), ("inf kW", "", math.inf),
+     ("-Infinity", "kW", -math.inf), ("1e9999", "kW", math.inf), ("1e305", "kW", 1e308)],
+)
+def test_non_finite_local_values_pass_for_the_loop_to_bound(
+    value: str, units: str | None, expected: float
+) -> None:
+    # Not refused here: the polling loop stores such a field as null and
+    # keeps the rest of the reading (drivers/bounds.py).
+    got = parse_local_value(value, units, POWER_UNITS_W)
+    assert got is not None
+    assert (math.isnan(got) and math.isnan(expected)) or got == expected
 
 
 def test_blank_demand_with_totals_is_a_reading() -> None:
@@ -346,6 +362,52 @@ def test_bad_query_answers_are_unparseable(body: str) -> None:
     with pytest.raises(PollFailure) as caught:
         parse_device_query(body.encode())
     assert caught.value.outcome is Outcome.UNPARSEABLE
+
+
+# (codec, the name an XML declaration gives it); None: no declaration.
+ENCODINGS = [("utf-16", "UTF-16"), ("utf-16", None), ("utf-16-le", "UTF-16LE"),
+             ("utf-16-be", "UTF-16BE"), ("utf-8", "UTF-8"),
+             ("utf-8", None), ("latin-1", "ISO-8859-1")]
+
+
+def _declared(text: str, codec: str, name: str | None) -> bytes:
+    head = "" if name is None else f'<?xml version="1.0" encoding="{name}"?>'
+    return (head + text).encode(codec)
+
+
+@pytest.mark.parametrize(("codec", "name"), ENCODINGS)
+def test_a_dtd_is_refused_in_any_encoding(codec: str, name: str | None) -> None:
+    # Before defusedxml, a UTF-16 body slipped past a check for b"<!DOCTYPE"
+    # and ElementTree expanded its entities into the reading.
+    meter = query_xml([("zigbee:InstantaneousDemand", "&a;", "kW")])
+    for dtd in ('<!DOCTYPE Device [<!ENTITY a "2.5">]>', "<!DOCTYPE Device>",
+                '<!DOCTYPE Device [<!ENTITY a SYSTEM "file:///etc/hostname">]>'):
+        with pytest.raises(PollFailure) as caught:
+            parse_device_query(_declared(dtd + meter, codec, name))
+        assert caught.value.outcome is Outcome.UNPARSEABLE
+        assert "DTD" in caught.value.message, (codec, dtd)
+
+
+@pytest.mark.parametrize(("codec", "name"), ENCODINGS)
+def test_an_answer_without_dtd_reads_the_same_in_any_encoding(codec: str,
+                                                              name: str | None) -> None:
+    text = query_xml([("zigbee:InstantaneousDemand", "2.5", "kW"),
+                      ("zigbee:CurrentSummationDelivered", "10", "kWh")])
+    expected = Sample(0x5C5AFF97, 2500.0, 10000.0, None, None)
+    assert parse_device_query(_declared(text, codec, name)) == expected
+    commented = text.replace("<Components>", "<!-- a comment --><Components>")
+    assert parse_device_query(_declared(commented, codec, name)) == expected
+
+
+def test_an_encoding_expat_cannot_read_is_unparseable() -> None:
+    bodies = [f'<?xml version="1.0" encoding="{name}"?><Device/>'.encode()
+              for name in ("bogus", "UTF-7", "cp500")]
+    bodies.append(_declared('<!DOCTYPE d [<!ENTITY a "b">]><Device>&a;</Device>',
+                            "utf-32", "UTF-32"))
+    for body in bodies:
+        with pytest.raises(PollFailure) as caught:
+            parse_device_query(body)
+        assert caught.value.outcome is Outcome.UNPARSEABLE
 
 
 def test_error_answer_is_a_device_error_without_secret() -> None:

@@ -4,11 +4,14 @@ the drivers read back exactly."""
 
 from __future__ import annotations
 
+import json
+import math
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +23,7 @@ from poller.drivers.base import (
     PollFailure,
     Sample,
 )
+from poller.drivers.bounds import SampleBounds
 from poller.drivers.eagle_cloud import EagleCloudDriver, parse_demand, parse_summation
 from poller.drivers.eagle_local import (
     ENERGY_UNITS_WH,
@@ -41,6 +45,7 @@ from poller.drivers.hexcodec import (
     unix_from_2000,
 )
 from poller.drivers.http_json import HttpJsonDriver, format_pointer, parse_pointer, resolve
+from poller.drivers.response import parse_xml
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eagle"
 SECRET = "pw-Zq81"
@@ -392,3 +397,87 @@ def test_http_json_reads_what_a_pointer_names(
     sample = session.feed(HttpResponse(200, (), orjson.dumps(document)))
     assert isinstance(sample, Sample)
     assert sample.demand_w == float(value) * factor
+
+
+# --- what a failed poll keeps; what the loop's bounds let through --------------
+
+_BOUNDS = SampleBounds(device_time_max_behind_s=30 * 86400, device_time_max_ahead_s=86400,
+                       max_demand_w=1e6, max_total_wh=1e12, max_price=1e6)
+_DEMAND = (
+    b'{"InstantaneousDemand": {"TimeStamp": "0x1c9347b8", "Demand": "0x0003b0", '
+    b'"Multiplier": "0x00000001", "Divisor": "0x000003e8"}}'
+)
+
+
+@FUZZ
+@given(status=STATUSES, body=BODIES)
+def test_a_failed_totals_answer_leaves_the_demand_for_the_loop(status: int, body: bytes) -> None:
+    session = EagleCloudDriver().session(DeviceSpec(1, "00ce69", "me@x.org", SECRET, None, {}))
+    assert session.partial() is None  # no poll yet
+    session.begin(True)
+    assert isinstance(session.feed(HttpResponse(200, (), _DEMAND)), HttpRequest)
+    demand = Sample(float(0x1C9347B8 + EPOCH_2000_UNIX), 944.0, None, None, None)
+    try:
+        merged = session.feed(HttpResponse(status, (), body))
+    except PollFailure:
+        assert session.partial() == demand
+        assert session.partial() is None  # given once
+        return
+    assert isinstance(merged, Sample) and merged[:2] == demand[:2]
+    assert session.partial() is None  # a whole poll leaves nothing behind
+
+
+def test_a_transport_failure_of_the_totals_request_leaves_the_demand() -> None:
+    # A timeout never reaches feed(): the loop asks partial() all the same.
+    session = EagleCloudDriver().session(DeviceSpec(1, "00ce69", "me@x.org", SECRET, None, {}))
+    session.begin(True)
+    session.feed(HttpResponse(200, (), _DEMAND))
+    assert session.partial() == Sample(float(0x1C9347B8 + EPOCH_2000_UNIX), 944.0, None, None,
+                                       None)
+    for make in (local_at_query, http_json):  # one request a poll: nothing to keep
+        assert make().partial() is None
+
+
+ANY_NUMBER = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from(["NaN", "-Infinity", "inf", "1e400", "-0", " 12.5 "]),
+)
+
+
+@FUZZ
+@given(values=st.lists(ANY_NUMBER, min_size=5, max_size=5),
+       poll_at=st.floats(1e9, 4e9))
+def test_any_number_an_http_json_device_sends_is_stored_bounded(
+    values: list[Any], poll_at: float
+) -> None:
+    options = {"fields": {"device_at": "/t", "demand_w": "/w", "delivered_wh": "/d",
+                          "received_wh": "/r", "price": "/p"}}
+    session = HttpJsonDriver().session(DeviceSpec(3, "j", "", "", "http://127.0.0.1:1", options))
+    session.begin(False)
+    document = dict(zip("twdrp", values, strict=True))
+    # As Python's json writes it: NaN and Infinity bare, integers of any size.
+    body = json.dumps(document).encode()
+    try:
+        sample = session.feed(HttpResponse(200, (), body))
+    except PollFailure:
+        return  # only an answer where demand and both totals are null
+    assert isinstance(sample, Sample)
+    flawed = _BOUNDS.check(sample, poll_at)
+    kept = sample if flawed is None else flawed.sample
+    for value in kept:
+        assert value is None or math.isfinite(value)
+    if kept.device_at is not None:
+        assert abs(kept.device_at - poll_at) <= 30 * 86400
+
+
+@FUZZ
+@given(codec=st.sampled_from(["utf-8", "utf-16", "utf-16-le", "utf-16-be", "latin-1"]),
+       declare=st.booleans(), inner=_xmlish())
+def test_no_entity_is_ever_expanded_whatever_the_encoding(codec: str, declare: bool,
+                                                          inner: str) -> None:
+    head = f'<?xml version="1.0" encoding="{codec}"?>' if declare else ""
+    text = f'{head}<!DOCTYPE Device [<!ENTITY x "EXPANDED">]><Device>&x;{inner}</Device>'
+    with pytest.raises(PollFailure) as caught:
+        parse_xml(text.encode(codec, errors="xmlcharrefreplace"))
+    assert "EXPANDED" not in caught.value.message

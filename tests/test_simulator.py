@@ -6,6 +6,7 @@ import asyncio
 import base64
 import itertools
 import json
+import math
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -16,6 +17,8 @@ import aiohttp
 import pytest
 import uvloop
 
+from poller.drivers.base import DeviceSpec, HttpResponse, Sample
+from poller.drivers.http_json import HttpJsonDriver
 from poller.simulator import (
     Fault,
     FaultRates,
@@ -26,7 +29,7 @@ from poller.simulator import (
     credentials_for,
 )
 from poller.simulator.fleet import Device
-from poller.simulator.payloads import EPOCH_2000, demand_hex
+from poller.simulator.payloads import EPOCH_2000, demand_hex, http_json_options, http_json_url
 
 FIXTURES = Path(os.environ.get("EAGLE_FIXTURES", "/work/shared/fixtures/eagle"))
 _CLOUD_DEMAND = "cloud_get_instantaneous_demand_response__rainforestautomation_Eagle-Http-API"
@@ -465,6 +468,139 @@ async def test_fault_rates_are_seeded() -> None:
         assert set(statuses) <= {200, 500, 502, 503}
         outcomes.append(statuses)
     assert outcomes[0] == outcomes[1]
+
+
+async def json_get(
+    http: aiohttp.ClientSession, sim: Simulator, cloud_id: str, token: str | None = None
+) -> tuple[int, str]:
+    secret = token or credentials_for(cloud_id, SEED)[1]
+    async with http.get(url(sim, f"/json/{cloud_id}"),
+                        headers={"Authorization": f"Bearer {secret}"}) as r:
+        return r.status, (await r.read()).decode()
+
+
+async def test_http_json_meter(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    before = time.time()
+    status, text = await json_get(http, sim, "f00004")
+    assert status == 200
+    doc = json.loads(text)
+    assert doc["id"] == "f00004" and before - 1 <= doc["ts"] <= time.time()
+    # The driver options the simulator publishes read this document.
+    options = http_json_options()
+    session = HttpJsonDriver().session(
+        DeviceSpec(1, "f00004", "", "x", http_json_url(url(sim, ""), "f00004"), options))
+    session.begin(False)
+    sample = session.feed(HttpResponse(200, (), text.encode()))
+    assert isinstance(sample, Sample)
+    assert sim.served()[-1] == ServedReading("f00004", doc["ts"], sample.demand_w,
+                                             sample.delivered_wh, sample.received_wh)
+    assert sample.price == 0.0884
+    assert (await json_get(http, sim, "f00004", token="wrong"))[0] == 401
+    assert (await json_get(http, sim, "f99999"))[0] == 404
+    async with http.post(url(sim, "/json/f00004")) as r:
+        assert r.status == 400
+    assert sim.records.polls_of("f00004") == 1  # a refused request is no poll arrival
+
+
+def _hex_field(text: str, name: str) -> str:
+    return str(json.loads(text)["InstantaneousDemand"][name])
+
+
+async def test_poison_faults_serve_well_formed_bad_values(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    kinds = {"timestamp_max": "f00020", "timestamp_us": "f00021", "value_nan": "f00022",
+             "value_infinity": "f00023", "value_huge": "f00024", "value_negative": "f00025"}
+    await set_faults(http, sim, {kind: [cid] for kind, cid in kinds.items()})
+    served_before = len(sim.served())
+    now_2000 = int(time.time()) - EPOCH_2000
+
+    # Cloud: the hex that decodes to the poison (or the word where hex has none).
+    demand = {kind: (await cloud_get(http, sim, cid, "get_instantaneous_demand"))[1]
+              for kind, cid in kinds.items()}
+    assert _hex_field(demand["timestamp_max"], "TimeStamp") == "0xffffffffffffffff"
+    micros = int(_hex_field(demand["timestamp_us"], "TimeStamp"), 16)
+    assert abs(micros / 1e6 - now_2000) <= 2
+    assert _hex_field(demand["value_huge"], "Demand") == "0x7fffffffffffffff"
+    assert signed_hex(_hex_field(demand["value_negative"], "Demand")) == -(2**63)
+    assert _hex_field(demand["value_nan"], "Demand") == "NaN"
+    summation = (await cloud_get(http, sim, kinds["timestamp_max"], "get_current_summation"))[1]
+    assert json.loads(summation)["CurrentSummation"]["TimeStamp"] == "0xffffffffffffffff"
+
+    # Local: the value texts and LastContact.
+    local = {}
+    for kind, cid in kinds.items():
+        async with http.post(url(sim), data=query_body(cid), headers=basic(cid)) as r:
+            assert r.status == 200
+            root = ET.fromstring(await r.text())
+        values = {v.findtext("Name"): v.findtext("Value") for v in root.iter("Variable")}
+        local[kind] = (root.findtext("DeviceDetails/LastContact"), values)
+    assert local["timestamp_max"][0] == "0xffffffffffffffff"
+    assert abs(int(str(local["timestamp_us"][0]), 16) / 1e6 - time.time()) <= 2
+    assert local["value_nan"][1]["zigbee:InstantaneousDemand"] == "NaN"
+    assert local["value_infinity"][1]["zigbee:InstantaneousDemand"] == "Infinity"
+    assert local["value_huge"][1]["zigbee:InstantaneousDemand"] == "1e305"
+    assert local["value_negative"][1]["zigbee:CurrentSummationDelivered"] == "-1234.500000"
+
+    # http-json: bare NaN and Infinity, as Python's json writes them.
+    docs = {kind: json.loads((await json_get(http, sim, cid))[1]) for kind, cid in kinds.items()}
+    assert docs["timestamp_max"]["ts"] == 2**64 - 1
+    assert abs(docs["timestamp_us"]["ts"] / 1e6 - time.time()) <= 2
+    assert math.isnan(docs["value_nan"]["power"]["w"])
+    assert docs["value_infinity"]["power"]["w"] == math.inf
+    assert docs["value_huge"]["power"]["w"] == 1e308
+    assert docs["value_negative"]["energy"]["delivered_wh"] == -1234.5
+
+    assert len(sim.served()) == served_before  # a poisoned answer is no served reading
+    stats = sim.stats()
+    assert all(stats[f"fault_{kind}"] == 3 for kind in kinds if kind != "timestamp_max")
+    assert stats["fault_timestamp_max"] == 4
+
+
+async def test_totals_faults_hit_only_the_summation(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    state = await set_faults(http, sim, {"totals_5xx": ["f00026"], "totals_malformed": ["f00027"],
+                                         "totals_hang": ["f00028"]})
+    assert isinstance(state, dict) and state["totals_hang"] == ["f00028"]
+    for cid in ("f00026", "f00027", "f00028"):
+        status, text = await cloud_get(http, sim, cid, "get_instantaneous_demand")
+        assert status == 200 and "InstantaneousDemand" in json.loads(text)
+        async with http.post(url(sim), data=query_body(cid), headers=basic(cid)) as r:
+            assert r.status == 200  # the local query holds the totals: untouched
+        assert (await json_get(http, sim, cid))[0] == 200
+    assert (await cloud_get(http, sim, "f00026", "get_current_summation"))[0] in (500, 502, 503)
+    status, text = await cloud_get(http, sim, "f00027", "get_current_summation")
+    assert status == 200
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(asyncio.TimeoutError):
+        async with http.post(url(sim), data=command("get_current_summation", "JSON"),
+                             headers=cloud_headers("f00028"),
+                             timeout=aiohttp.ClientTimeout(total=0.4)) as r:
+            await r.read()
+    stats = sim.stats()
+    assert stats["fault_totals_5xx"] == stats["fault_totals_malformed"] == 1
+    assert stats["fault_totals_hang"] == 1
+
+
+async def test_totals_fault_rates_are_seeded() -> None:
+    runs: list[list[int]] = []
+    for _ in range(2):
+        s = await make_sim(fault_rates=FaultRates(totals_5xx=0.5))
+        try:
+            async with aiohttp.ClientSession() as session:
+                statuses = []
+                for _ in range(30):
+                    demand, _ = await cloud_get(session, s, "f00001", "get_instantaneous_demand")
+                    assert demand == 200
+                    statuses.append((await cloud_get(session, s, "f00001",
+                                                     "get_current_summation"))[0])
+        finally:
+            await s.stop()
+        assert 4 <= sum(st >= 500 for st in statuses) <= 26
+        runs.append(statuses)
+    assert runs[0] == runs[1]
 
 
 # --- connection handling -----------------------------------------------------

@@ -18,7 +18,13 @@ from typing import Any, NamedTuple, Protocol
 
 
 class Outcome(enum.Enum):
-    """How a poll ended. The values are the label values of the metrics."""
+    """How a poll ended. The values are the label values of the metrics.
+
+    The last four never end a poll on their own: a poll that stored a reading
+    counts as OK and, when the reading lacks something, also under what it
+    lacks (a field out of bounds and stored as null, see
+    :mod:`poller.drivers.bounds`, or totals whose follow-up request failed).
+    """
 
     OK = "ok"
     TIMEOUT = "timeout"
@@ -27,6 +33,10 @@ class Outcome(enum.Enum):
     AUTH_REJECTED = "auth_rejected"
     DEVICE_ERROR = "device_error"
     UNPARSEABLE = "unparseable"
+    DEVICE_TIME_OUT_OF_RANGE = "device_time_out_of_range"
+    VALUE_NOT_FINITE = "value_not_finite"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
+    TOTALS_FAILED = "totals_failed"
 
 
 class PollFailure(Exception):
@@ -60,7 +70,11 @@ class HttpResponse(NamedTuple):
 
 
 class Sample(NamedTuple):
-    """What a driver extracts from a device's answer; fields as in Reading."""
+    """What a driver extracts from a device's answer; fields as in Reading.
+
+    Numbers are as the device sent them, even when absurd (NaN, 1e308, a
+    TimeStamp of 2**64-1): the polling loop bounds every driver's Sample in
+    one place (:mod:`poller.drivers.bounds`), since only it knows the poll time."""
 
     device_at: float | None
     demand_w: float | None
@@ -102,6 +116,13 @@ class DeviceSession(Protocol):
         returned, and say so (False: call ``begin()``). The polling loop then
         keeps only that request's wire bytes, and the session need not keep
         the request at all."""
+        ...
+
+    def partial(self) -> Sample | None:
+        """After a poll failed: the Sample its earlier answers already gave,
+        or None. eagle-cloud gives the demand reading of a poll whose totals
+        follow-up failed, so that reading is kept. Forgets it (a second call
+        gives None); the polling loop asks once per failed poll."""
         ...
 
 

@@ -20,7 +20,10 @@ Answers are told apart by content, not Content-Type (the cloud says
   refused like any other malformed body.
 
 A root ``<Error>`` or a JSON ``{"Error": ...}`` is the device (or cloud)
-refusing the command: DEVICE_ERROR. Hex fields are decoded by
+refusing the command: DEVICE_ERROR. When the totals request of a poll fails
+(any way: a refusal, a 5xx, garbage, a timeout) the demand already read is
+kept: ``partial()`` gives it to the polling loop, which stores it with null
+totals and counts TOTALS_FAILED. Hex fields are decoded by
 :mod:`poller.drivers.hexcodec`; a TimeStamp of 0 means "never" and gives no
 device time.
 """
@@ -274,6 +277,14 @@ class EagleCloudSession:
                 device_at = summed_at
             return _new_tuple(Sample, (device_at, demand_w, delivered, received, None))
         raise RuntimeError("feed() called without begin() or after the poll ended")
+
+    def partial(self) -> Sample | None:
+        """The demand reading of a poll whose totals follow-up failed."""
+        pending = self._pending
+        if pending is _NO_PENDING:
+            return None
+        self._pending = _NO_PENDING
+        return _new_tuple(Sample, (*pending, None, None, None))
 
 
 class EagleCloudDriver:

@@ -22,7 +22,6 @@ the variables asked for, the session switches to the ``<All>Y</All>`` query.
 from __future__ import annotations
 
 import base64
-import math
 import re
 import xml.etree.ElementTree as ET
 from decimal import Decimal
@@ -64,9 +63,11 @@ _MAX_VALUE_CHARS = 64
 _METER_NAMES = ("electric meter", "power meter")
 
 _HARDWARE_ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{1,16}")
-# A decimal, then optionally a unit: "21.499 kW", "2.790000", "-0.5kW".
+# A decimal, then optionally a unit: "21.499 kW", "2.790000", "-0.5kW". NaN
+# and infinities are read as such: the polling loop stores them as null.
 _VALUE = re.compile(
-    r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?)"  # the number
+    r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?"  # the number
+    r"|[+-]?(?:[nN][aA][nN]|[iI][nN][fF](?:[iI][nN][iI][tT][yY])?)(?![a-zA-Z]))"
     r"\s*(\S.*?)?\s*"  # the unit, if any
 )
 
@@ -85,11 +86,15 @@ def parse_local_value(
     ``factors`` maps a lower-cased unit to its multiplier (POWER_UNITS_W,
     ENERGY_UNITS_WH); an empty map keeps the number whatever the unit (prices).
     ValueError for text that is not a decimal, or a unit not in ``factors``.
+    A value beyond a double, NaN or an infinity comes back as such (the
+    polling loop stores it as null and counts it).
 
     >>> parse_local_value("21.499 kW", None, POWER_UNITS_W)
     21499.0
     >>> parse_local_value("invalid", "kW", POWER_UNITS_W) is None
     True
+    >>> parse_local_value("1e9999", "kW", POWER_UNITS_W)
+    inf
     """
     if value is None:
         return None
@@ -108,10 +113,7 @@ def parse_local_value(
         if factor is None:
             raise ValueError("unknown unit")
         number *= factor
-    result = float(number)
-    if not math.isfinite(result):
-        raise ValueError("value out of range")
-    return result
+    return float(number)
 
 
 def format_local_value(number: float, unit: str, *, inline: bool) -> tuple[str, str]:
@@ -280,6 +282,10 @@ class EagleLocalSession:
                 self._forget_meter()
                 raise
         raise RuntimeError("feed() called without begin() or after the poll ended")
+
+    def partial(self) -> Sample | None:
+        """None: one ``device_query`` answers the whole poll."""
+        return None
 
 
 class EagleLocalDriver:

@@ -15,12 +15,16 @@ received_wh, price) to RFC 6901 pointers; at least one of demand_w,
 delivered_wh, received_wh must be mapped. A pointed-at value is a JSON number
 or a decimal string; JSON null gives None for that field. A missing pointer
 or any other type is UNPARSEABLE, as is an answer where demand and both totals
-are null. An ISO 8601 time without an offset is UTC. A non-empty device
-secret is sent as ``Authorization: Bearer <secret>``.
+are null. Numbers no reading can hold are passed on as they are, for the
+polling loop to store as null and count (drivers/bounds.py): ``NaN`` and
+``Infinity`` (bare, as Python's ``json`` writes them, or as strings), 1e400,
+a time in microseconds. An ISO 8601 time without an offset is UTC. A
+non-empty device secret is sent as ``Authorization: Bearer <secret>``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -44,6 +48,7 @@ _MAX_TEXT_CHARS = 64
 _INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 _BAD_ESCAPE = re.compile(r"~(?![01])")
 _DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?\s*")
+_NON_FINITE = re.compile(r"\s*[+-]?(?:nan|inf|infinity)\s*", re.IGNORECASE)
 
 Pointer = tuple[str, ...]
 
@@ -90,20 +95,37 @@ def _at(document: Any, tokens: Pointer) -> Any:
 
 
 def _number(value: Any, field: str) -> float | None:
+    """The number at a field; NaN and infinities pass (the loop bounds them)."""
     kind = type(value)
-    if kind is float or kind is int:
-        result = float(value)
-    elif kind is str:
-        if len(value) > _MAX_TEXT_CHARS or not _DECIMAL.fullmatch(value):
+    if kind is float:
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:  # a 400-digit integer
+            return math.inf if value > 0 else -math.inf
+    if kind is str:
+        if len(value) > _MAX_TEXT_CHARS or not (_DECIMAL.fullmatch(value)
+                                                or _NON_FINITE.fullmatch(value)):
             raise unparseable(f"{field} is not a number")
-        result = float(value)
-    elif value is None:
+        return float(value)
+    if value is None:
         return None
-    else:
-        raise unparseable(f"{field} is a JSON {_json_type(value)}, not a number")
-    if not math.isfinite(result):
-        raise unparseable(f"{field} is out of range")
-    return result
+    raise unparseable(f"{field} is a JSON {_json_type(value)}, not a number")
+
+
+def _document(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses NaN, Infinity and numbers beyond a double, which devices
+    # send (Python's json writes NaN): the standard parser takes them, on
+    # this failure path only, and the loop stores such a field as null.
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # also UnicodeDecodeError, a too-long integer
+        raise unparseable("malformed JSON") from None
 
 
 def _json_type(value: Any) -> str:
@@ -201,10 +223,7 @@ class HttpJsonSession:
         return self._request
 
     def feed(self, response: HttpResponse) -> HttpRequest | Sample:
-        try:
-            document = orjson.loads(checked_body(response))
-        except orjson.JSONDecodeError:
-            raise unparseable("malformed JSON") from None
+        document = _document(checked_body(response))
         values: dict[str, float | None] = {}
         for field, tokens, factor in self._plan:
             number = _number(_at(document, tokens), field)
@@ -217,6 +236,10 @@ class HttpJsonSession:
         if demand is None and delivered is None and received is None:
             raise unparseable("answer has neither demand nor totals")
         return Sample(device_at, demand, delivered, received, get("price"))
+
+    def partial(self) -> Sample | None:
+        """None: one request answers the whole poll."""
+        return None
 
 
 class HttpJsonDriver:

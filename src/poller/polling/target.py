@@ -52,8 +52,9 @@ class Target:
         self.last_error: str | None = None
         self.consecutive_failures = 0
         self.failures: list[int] | None = None
-        """Failed polls by outcome index (OUTCOMES order; ok stays 0), made at
-        the first failure: a healthy device carries no list (112 B saved)."""
+        """Failed polls by outcome index (OUTCOMES order; ok stays 0), and the
+        flaws of kept readings (a field out of bounds, failed totals), made at
+        the first of them: a healthy device carries no list (144 B saved)."""
         self.readings = 0
         self.skipped_ticks = 0
         self.first_reading_at: float | None = None

@@ -10,8 +10,10 @@ It has no authentication: the simulator is a test tool and binds loopback
 - ``GET /_sim/arrivals?id=f00001``: kept poll arrival times of one device.
 - ``GET /_sim/faults``: forced cloud ids per fault kind and the rates.
 - ``POST /_sim/faults``: e.g. ``{"auth": ["f00001"], "hang": [],
-  "rates": {"http_5xx": 0.01}}``; each kind named replaces that kind's set,
-  each rate named replaces that rate, the rest stays. Answers the new state.
+  "timestamp_max": ["f00002"], "rates": {"http_5xx": 0.01}}``; each kind
+  named (faults.Fault, poison and totals-only kinds too) replaces that kind's
+  set, each rate named replaces that rate, the rest stays. Answers the new
+  state.
 - ``POST /_sim/reset``: forget records and counters; with ``{"faults": true}``
   also clear all forced faults and rates.
 """

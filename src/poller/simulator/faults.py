@@ -17,6 +17,29 @@ What each kind does on the wire:
 - ``reset``: the connection is aborted with a TCP RST, nothing is answered.
 - ``offline``: the connection is closed (FIN) without an answer.
 
+Poison: HTTP 200 and a well-formed answer holding a value no meter reads (the
+reading must still be stored, the field null). Cloud answers carry hex, so
+their poison is the hex that decodes to it:
+
+- ``timestamp_max``: the device time is 2**64-1 (cloud ``TimeStamp`` and
+  local ``LastContact`` ``0xffffffffffffffff``, http-json ``ts``
+  18446744073709551615).
+- ``timestamp_us``: the device time in microseconds instead of seconds.
+- ``value_negative``: a negative meter total (local, http-json: delivered);
+  the cloud's totals are unsigned, so its demand is the most negative 64-bit
+  number instead.
+- ``value_nan``, ``value_infinity``: demand ``NaN`` / ``Infinity`` (http-json
+  bare, as Python's ``json`` writes them; local as the value text; the cloud
+  sends the word where hex is due, which no driver can read).
+- ``value_huge``: demand 1e308 W (cloud ``0x7fffffffffffffff``).
+
+A meter that does not answer totals (cloud ``get_current_summation`` only;
+any other request is answered as if no fault were drawn, so a rate is a
+probability per totals request):
+
+- ``totals_malformed``, ``totals_5xx``, ``totals_hang``: as ``malformed``,
+  ``http_5xx`` and ``hang``.
+
 When a device is forced into several kinds, the first in ``FAULT_ORDER`` wins.
 """
 
@@ -35,6 +58,15 @@ class Fault(enum.Enum):
     MALFORMED = "malformed"
     RESET = "reset"
     OFFLINE = "offline"
+    TIMESTAMP_MAX = "timestamp_max"
+    TIMESTAMP_US = "timestamp_us"
+    VALUE_NEGATIVE = "value_negative"
+    VALUE_NAN = "value_nan"
+    VALUE_INFINITY = "value_infinity"
+    VALUE_HUGE = "value_huge"
+    TOTALS_MALFORMED = "totals_malformed"
+    TOTALS_5XX = "totals_5xx"
+    TOTALS_HANG = "totals_hang"
 
 
 FAULT_ORDER: tuple[Fault, ...] = (
@@ -45,7 +77,29 @@ FAULT_ORDER: tuple[Fault, ...] = (
     Fault.HTTP_5XX,
     Fault.MALFORMED,
     Fault.SLOW,
+    Fault.TOTALS_HANG,
+    Fault.TOTALS_5XX,
+    Fault.TOTALS_MALFORMED,
+    Fault.TIMESTAMP_MAX,
+    Fault.TIMESTAMP_US,
+    Fault.VALUE_NEGATIVE,
+    Fault.VALUE_NAN,
+    Fault.VALUE_INFINITY,
+    Fault.VALUE_HUGE,
 )
+
+POISON: frozenset[Fault] = frozenset({
+    Fault.TIMESTAMP_MAX, Fault.TIMESTAMP_US, Fault.VALUE_NEGATIVE, Fault.VALUE_NAN,
+    Fault.VALUE_INFINITY, Fault.VALUE_HUGE,
+})
+"""Kinds answered with HTTP 200 and a well-formed body holding a bad value."""
+
+TOTALS_ONLY: dict[Fault, Fault] = {
+    Fault.TOTALS_MALFORMED: Fault.MALFORMED,
+    Fault.TOTALS_5XX: Fault.HTTP_5XX,
+    Fault.TOTALS_HANG: Fault.HANG,
+}
+"""Kinds that hit only a cloud totals request, and what they do to it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +113,15 @@ class FaultRates:
     malformed: float = 0.0
     reset: float = 0.0
     offline: float = 0.0
+    timestamp_max: float = 0.0
+    timestamp_us: float = 0.0
+    value_negative: float = 0.0
+    value_nan: float = 0.0
+    value_infinity: float = 0.0
+    value_huge: float = 0.0
+    totals_malformed: float = 0.0
+    totals_5xx: float = 0.0
+    totals_hang: float = 0.0
 
     def __post_init__(self) -> None:
         total = 0.0

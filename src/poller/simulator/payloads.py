@@ -10,11 +10,19 @@ summations are watt-hours (kW and kWh after scaling).
 
 EAGLE-200 local API: ``device_list`` and ``device_query``; values are plain
 decimals with a separate ``Units`` element, ``LastContact`` is Unix time in hex.
+
+http-json (any JSON meter, for the ``http-json`` driver): ``GET /json/<id>``
+with ``Authorization: Bearer <password>`` answers one flat document; register
+such a device with :func:`http_json_options`.
+
+The ``*_text`` / ``timestamp`` overrides put a poison value (faults.POISON)
+into an otherwise normal answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 EPOCH_2000 = 946_684_800
 """Unix time of 2000-01-01T00:00:00Z, the cloud API's epoch."""
@@ -29,17 +37,24 @@ def demand_hex(demand_w: int, wide: bool) -> str:
     return f"0x{demand_w & 0xFFFFFF:06x}"
 
 
+def cloud_timestamp(unix_s: int) -> str:
+    """The cloud ``TimeStamp`` text of Unix time ``unix_s``."""
+    return f"0x{unix_s - EPOCH_2000:08x}"
+
+
 def cloud_demand(
-    device_mac: str, meter_mac: str, unix_s: int, demand: str, as_json: bool
+    device_mac: str, meter_mac: str, unix_s: int, demand: str, as_json: bool,
+    timestamp: str | None = None,
 ) -> bytes:
-    """``InstantaneousDemand`` answer; ``demand`` is from :func:`demand_hex`."""
-    ts = unix_s - EPOCH_2000
+    """``InstantaneousDemand`` answer; ``demand`` is from :func:`demand_hex`,
+    ``timestamp`` (default: from ``unix_s``) the TimeStamp text."""
+    ts = timestamp or cloud_timestamp(unix_s)
     if as_json:
         return (
             '{\n"InstantaneousDemand": {\n'
             f'"DeviceMacId": "{device_mac}",\n'
             f'"MeterMacId": "{meter_mac}",\n'
-            f'"TimeStamp": "0x{ts:08x}",\n'
+            f'"TimeStamp": "{ts}",\n'
             f'"Demand": "{demand}",\n'
             '"Multiplier": "0x00000001",\n'
             '"Divisor": "0x000003e8",\n'
@@ -51,7 +66,7 @@ def cloud_demand(
         "<InstantaneousDemand>\n"
         f"  <DeviceMacId>{device_mac}</DeviceMacId>\n"
         f"  <MeterMacId>{meter_mac}</MeterMacId>\n"
-        f"  <TimeStamp>0x{ts:08x}</TimeStamp>\n"
+        f"  <TimeStamp>{ts}</TimeStamp>\n"
         f"  <Demand>{demand}</Demand>\n"
         "  <Multiplier>0x00000001</Multiplier>\n"
         "  <Divisor>0x000003e8</Divisor>\n"
@@ -64,16 +79,16 @@ def cloud_demand(
 
 def cloud_summation(
     device_mac: str, meter_mac: str, unix_s: int, delivered_wh: int, received_wh: int,
-    as_json: bool,
+    as_json: bool, timestamp: str | None = None,
 ) -> bytes:
     """``CurrentSummation`` answer (fields as in the REST manual, section 13)."""
-    ts = unix_s - EPOCH_2000
+    ts = timestamp or cloud_timestamp(unix_s)
     if as_json:
         return (
             '{\n"CurrentSummation": {\n'
             f'"DeviceMacId": "{device_mac}",\n'
             f'"MeterMacId": "{meter_mac}",\n'
-            f'"TimeStamp": "0x{ts:08x}",\n'
+            f'"TimeStamp": "{ts}",\n'
             f'"SummationDelivered": "0x{delivered_wh:016x}",\n'
             f'"SummationReceived": "0x{received_wh:016x}",\n'
             '"Multiplier": "0x00000001",\n'
@@ -86,7 +101,7 @@ def cloud_summation(
         "<CurrentSummation>\n"
         f"  <DeviceMacId>{device_mac}</DeviceMacId>\n"
         f"  <MeterMacId>{meter_mac}</MeterMacId>\n"
-        f"  <TimeStamp>0x{ts:08x}</TimeStamp>\n"
+        f"  <TimeStamp>{ts}</TimeStamp>\n"
         f"  <SummationDelivered>0x{delivered_wh:016x}</SummationDelivered>\n"
         f"  <SummationReceived>0x{received_wh:016x}</SummationReceived>\n"
         "  <Multiplier>0x00000001</Multiplier>\n"
@@ -144,13 +159,15 @@ _STATIC_VALUES = {
 
 def local_device_query(
     meter_mac: str, device_mac: str, unix_s: int, demand_w: int, delivered_wh: int,
-    received_wh: int, variables: Sequence[str],
+    received_wh: int, variables: Sequence[str], *, last_contact: str | None = None,
+    demand_text: str | None = None, delivered_text: str | None = None,
 ) -> bytes:
-    """``Device`` answer to ``device_query`` with the named ``variables``."""
-    demand = f"{demand_w / 1000:.6f}"
-    delivered = f"{delivered_wh / 1000:.6f}"
+    """``Device`` answer to ``device_query`` with the named ``variables``;
+    the keyword texts, when given, replace what the values would give."""
+    demand = demand_text or f"{demand_w / 1000:.6f}"
+    delivered = delivered_text or f"{delivered_wh / 1000:.6f}"
     received = f"{received_wh / 1000:.6f}"
-    last_contact = f"0x{unix_s:08x}"
+    last_contact = last_contact or f"0x{unix_s:08x}"
     if variables is ALL_VARIABLES:  # the usual poll: one format call
         return (
             _ALL_TEMPLATE % (meter_mac, device_mac, last_contact, demand, delivered, received)
@@ -207,6 +224,36 @@ def _render_query(
 
 # The static text contains no "%", so the placeholders are the only ones.
 _ALL_TEMPLATE = _render_query("%s", "%s", "%s", "%s", "%s", "%s", ALL_VARIABLES)
+
+
+JSON_PATH = b"/json/"
+"""http-json devices answer ``GET /json/<cloud id>``."""
+
+
+def http_json_options() -> dict[str, Any]:
+    """The ``http-json`` driver options that read a simulated JSON meter (a
+    fresh document: the registry stores it as JSON)."""
+    return {"fields": {
+        "device_at": "/ts", "demand_w": "/power/w", "delivered_wh": "/energy/delivered_wh",
+        "received_wh": "/energy/received_wh", "price": "/price",
+    }}
+
+
+_JSON_TEMPLATE = (
+    '{"id": "%s", "ts": %s, "power": {"w": %s}, '
+    '"energy": {"delivered_wh": %s, "received_wh": %s}, "price": 0.0884}\n'
+)
+
+
+def http_json_url(base_url: str, cloud_id: str) -> str:
+    """The URL to register an http-json device of the simulator at ``base_url``."""
+    return f"{base_url.rstrip('/')}{JSON_PATH.decode()}{cloud_id}"
+
+
+def json_status(cloud_id: str, ts: str, demand: str, delivered: str, received: str) -> bytes:
+    """The http-json document; each value is the JSON text to write as it is
+    (a number, or a poison such as ``NaN``)."""
+    return (_JSON_TEMPLATE % (cloud_id, ts, demand, delivered, received)).encode()
 
 
 _GARBAGE = b"\x00\x1f\x8b\xfe\xff<InstantaneousDemand>\x00\x00\xc3(\r\n"
