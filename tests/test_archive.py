@@ -25,6 +25,7 @@ from poller.archive.naming import (
 )
 from poller.archive.s3 import MIB, ArchiveError, ArchiveStore, ArchiveUnavailable, UploadResult
 from poller.archive.uploader import MARKER_SUFFIX, Uploader
+from poller.clock import FakeClock, settle
 from poller.reading import Reading
 from tests.stackfix import RunningStack, stack
 
@@ -234,26 +235,40 @@ async def test_outage_retries_with_backoff_then_catches_up(stack: RunningStack, 
     await store.start()
     await store.ensure_bucket()
     states: list[int] = []
+    clock = FakeClock(wall=time.time())  # file mtimes are real: lag stays sane
     uploader = Uploader(store, tmp_path, prefix, lambda name: True,
-                        backoff_base_s=0.05, backoff_max_s=0.2, idle_recheck_s=60,
-                        on_state=lambda s: states.append(s.consecutive_failures))
+                        backoff_base_s=1.0, backoff_max_s=4.0, idle_recheck_s=60,
+                        on_state=lambda s: states.append(s.consecutive_failures), clock=clock)
     try:
         stack.stack.stop_component("s3")
         names = [write_segment(tmp_path, H0 + 3600 * h, h + 1) for h in range(3)]
-        t0 = time.monotonic()
         await uploader.start()
-        await wait_for(lambda: uploader.stats().consecutive_failures >= 4)
+        for failures, ceiling in enumerate((1.0, 2.0, 4.0, 4.0), start=1):
+            # Each failure (against the real, stopped S3) is followed by a
+            # wait on the clock: half the ceiling plus up to half more,
+            # the ceiling doubling to the cap. Nothing is tried before it.
+            def backing_off(f: int = failures) -> bool:
+                return uploader.stats().consecutive_failures == f and clock.next_at() is not None
+
+            await wait_for(backing_off)
+            wake = clock.next_at()
+            assert wake is not None
+            assert ceiling / 2 <= wake - clock.monotonic() <= ceiling
+            clock.advance(wake - clock.monotonic() - 0.01)
+            await settle()
+            assert uploader.stats().consecutive_failures == failures  # not yet
+            if failures < 4:
+                clock.advance(0.01)
         stats = uploader.stats()
         assert stats.segments_pending == 3 and stats.last_success_at is None
         assert stats.bytes_pending == sum((tmp_path / n).stat().st_size for n in names)
         assert stats.upload_lag_s >= 0 and stats.last_error is not None
         assert "cannot reach" in stats.last_error
-        # Backed off, not spinning: four failures took at least 0.025+0.05+0.1 s.
-        assert time.monotonic() - t0 >= 0.17
         assert states[:4] == [1, 2, 3, 4]
         assert all((tmp_path / n).exists() for n in names)
         assert not any(p.name.endswith(MARKER_SUFFIX) for p in tmp_path.iterdir())
         stack.stack.start_component("s3")
+        clock.advance(0.01)  # the fourth back-off ends: S3 answers again
         await wait_for(lambda: uploader.stats().segments_pending == 0, timeout_s=20)
         stats = uploader.stats()
         assert stats.consecutive_failures == 0 and stats.last_success_at is not None
@@ -282,19 +297,19 @@ def _answers(endpoint_url: str) -> bool:
 
 
 async def test_deadline_and_stats(store: ArchiveStore, prefix: str, tmp_path: Path) -> None:
-    now = [2_000_000_000.0]
+    clock = FakeClock(wall=2_000_000_000.0)
     name = write_segment(tmp_path, H0, 1)
-    os.utime(tmp_path / name, (now[0] - 90, now[0] - 90))
-    uploader = Uploader(store, tmp_path, prefix, lambda n: False, clock=lambda: now[0])
-    # A deadline already passed: nothing starts.
-    assert await uploader.upload_pending(deadline=now[0] - 1) == 0
+    os.utime(tmp_path / name, (clock.wall() - 90, clock.wall() - 90))
+    uploader = Uploader(store, tmp_path, prefix, lambda n: False, clock=clock)
+    # A deadline (monotonic) already passed: nothing starts.
+    assert await uploader.upload_pending(deadline=clock.monotonic() - 1) == 0
     stats = uploader.stats()
     assert stats.segments_pending == 1 and stats.upload_lag_s == pytest.approx(90)
-    now[0] += 10
-    assert uploader.stats().upload_lag_s == pytest.approx(100)
-    assert await uploader.upload_pending(deadline=now[0] + 60) == 1
+    clock.advance(10)
+    assert uploader.stats().upload_lag_s == pytest.approx(100)  # wall age of the file
+    assert await uploader.upload_pending(deadline=clock.monotonic() + 60) == 1
     stats = uploader.stats()
-    assert stats.last_success_at == now[0] and stats.uploads_total == 1
+    assert stats.last_success_at == clock.wall() and stats.uploads_total == 1
     assert stats.upload_lag_s == 0 and stats.segments_awaiting_delete == 1
 
 

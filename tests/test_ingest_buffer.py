@@ -1,14 +1,17 @@
-"""The reading buffer when the spool cannot write: readings stay in memory,
-none lost or doubled, and the loops are told to skip ticks once it is full."""
+"""The reading buffer: flushed by age and hour files closed on the injected
+clock (a FakeClock the tests move); when the spool cannot write, readings stay
+in memory, none lost or doubled, and the loops skip ticks once it is full."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from poller.clock import FakeClock
 from poller.config import IngestSettings
 from poller.ingest.pgload import PgLoader
 from poller.ingest.pipeline import Ingest
@@ -73,3 +76,69 @@ async def test_a_start_refused_by_a_held_spool_stops_cleanly(tmp_path: Path) -> 
         assert not spool.is_open
     finally:
         await holder.close()
+
+
+H0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, an hour boundary
+UNREACHABLE = "postgresql://127.0.0.1:1/unused"
+
+
+async def _eventually(cond: Callable[[], bool], what: str) -> None:
+    """Wait, in real time, for the spool's writer thread (real disk I/O)."""
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def clocked(tmp_path: Path) -> AsyncIterator[tuple[Ingest, Spool, FakeClock]]:
+    """Ingest on a FakeClock that starts ten seconds before the end of hour H0;
+    Postgres is out of reach (the loader waits, the spool keeps everything)."""
+    clock = FakeClock(wall=H0 + 3590.0)
+    spool = Spool(tmp_path / "spool", "t", clock.wall)
+    loader = PgLoader(UNREACHABLE, "t", spool, timeout_s=2.0)
+    ingest = Ingest(IngestSettings(batch_rows=1000, flush_interval_s=2.0), spool, loader,
+                    None, None, clock)
+    await ingest.start()
+    try:
+        yield ingest, spool, clock
+    finally:
+        await ingest.stop(clock.monotonic() + 5)
+
+
+def _stored(spool: Spool) -> list[Reading]:
+    return [r for seg in spool.segments() for _, batch in spool.read_members(seg.name)
+            for r in batch]
+
+
+async def test_a_batch_below_the_size_is_flushed_by_age(
+        clocked: tuple[Ingest, Spool, FakeClock]) -> None:
+    ingest, spool, clock = clocked
+    rows = make_rows(3, H0 + 3580.0)
+    for r in rows:
+        ingest.accept(r)
+    await clock.run(1.9)
+    assert ingest.buffer_rows == 3  # younger than flush_interval_s: still in memory
+    assert _stored(spool) == []
+    await clock.run(0.2)
+    assert ingest.buffer_rows == 0  # taken by the flusher at two seconds
+    await _eventually(lambda: len(_stored(spool)) == 3, "the batch never reached the spool")
+    assert sorted(_stored(spool)) == sorted(rows)
+
+
+async def test_an_hour_file_closes_after_its_hour_and_the_grace(
+        clocked: tuple[Ingest, Spool, FakeClock]) -> None:
+    ingest, spool, clock = clocked
+    for r in make_rows(2, H0 + 3580.0):
+        ingest.accept(r)
+    await clock.run(2.0)
+    await _eventually(lambda: len(spool.segments()) == 1, "no segment opened")
+    [segment] = spool.segments()
+    assert segment.hour == H0 and not segment.closed
+    await clock.run(8.0 + 29.0)  # the hour is over; 29 s of its 30 s grace
+    # (The spool's one writer thread runs this after any rotation under way.)
+    assert await spool.rotate(clock.wall()) == []
+    assert not spool.segments()[0].closed
+    await clock.run(2.0)  # past the grace: the next rotation (every second) closes it
+    await _eventually(lambda: spool.segments()[0].closed, "the hour file stayed open")
+    assert [s.name for s in spool.closed_segments()] == [segment.name]

@@ -1,7 +1,11 @@
 """The polling engine against the real simulator over loopback.
 
-These run in real time with short intervals (0.3-0.5 s); the tick arithmetic
-itself is tested through the clock seam in test_schedule.py.
+Time is a FakeClock the tests move (poller.clock): the pool, its wheel and
+the transport's deadlines all run on it, so ticks, back-off, timeouts and
+clock steps happen exactly when a test says. Only the exchanges with the
+simulator take real time, and the rig waits for those (``Rig.settle``)
+before it moves the clock on, so no result depends on how busy the machine
+is. The tick arithmetic itself is tested in test_schedule.py.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -16,6 +21,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from poller.clock import FakeClock
 from poller.config import PollingSettings
 from poller.drivers.base import DeviceSpec
 from poller.polling import schedule
@@ -31,11 +37,48 @@ from poller.transport import AiohttpClient, FastHttpClient
 
 SEED = 3
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+STEP_S = 0.05
+"""How far the rig moves the clock between waits for the simulator: less
+than any timeout here, so a poll never times out while its answer is on the
+way, only when the device withholds it."""
+SETTLE_S = 10.0
 
 
 class Rig:
-    def __init__(self, sim: Simulator, pool: DevicePool, sink: MemorySink, port: int) -> None:
-        self.sim, self.pool, self.sink, self.port = sim, pool, sink, port
+    def __init__(self, sim: Simulator, pool: DevicePool, fast: FastHttpClient, sink: MemorySink,
+                 port: int, clock: FakeClock) -> None:
+        self.sim, self.pool, self.fast, self.sink, self.port = sim, pool, fast, sink, port
+        self.clock = clock
+
+    async def settle(self, pool: DevicePool | None = None,
+                     client: FastHttpClient | None = None) -> None:
+        """Wait, in real time, until nothing can happen without the clock
+        moving: no connect under way, and every request on a connection is
+        one the simulator withholds (a hanging device); the rest has been
+        answered, or waits for a connection until a deadline passes."""
+        pool = pool or self.pool
+        client = client or self.fast
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            stats = client.stats()
+            on_wire = stats.in_flight - stats.waiters - stats.connecting
+            # Requests withheld so far, less those that timed out (the only
+            # way one ends); other timeouts (after a stall) make this an
+            # underestimate, hence the floor.
+            withheld = self.sim.stats()["fault_hang"] - pool.stats.outcome_counts()["timeout"]
+            if stats.connecting == 0 and on_wire <= max(0, withheld):
+                return
+            assert time.monotonic() < deadline, f"the simulator did not answer: {stats}"
+            await asyncio.sleep(0.001)  # real time: the simulator is answering
+
+    async def run(self, seconds: float, pool: DevicePool | None = None,
+                  client: FastHttpClient | None = None) -> None:
+        """Let ``seconds`` of fake time pass, a step at a time, each step's
+        exchanges with the simulator finished before the next."""
+        await self.settle(pool, client)
+        for _ in range(round(seconds / STEP_S)):
+            self.clock.advance(STEP_S)
+            await self.settle(pool, client)
 
     def entry(self, index: int, cloud_id: str, interval_s: float,
               version: datetime = T0, password: str | None = None,
@@ -63,16 +106,20 @@ async def rig() -> AsyncIterator[Rig]:
     port = await sim.start()
     settings = PollingSettings(interval_s=0.5, timeout_s=0.3, backoff_max_s=2.0,
                                auth_failed_interval_s=30.0, totals_every=3)
-    fast = FastHttpClient(max_connections_per_host=64)
+    # Wall time near the real one: the simulator stamps its answers with the
+    # real time, and the drivers bound a device's time by the poll's.
+    clock = FakeClock(wall=float(int(time.time())), monotonic=5000.0)
+    fast = FastHttpClient(max_connections_per_host=64, clock=clock)
     general = AiohttpClient()
-    adapter = FetchAdapter(general)
+    adapter = FetchAdapter(general, clock)
     sink = MemorySink()
     pool = DevicePool(settings, sink, {"eagle-cloud": fast, "eagle-local": fast,
-                                       "http-json": adapter}, seed="test")
+                                       "http-json": adapter}, seed="test", clock=clock)
     await pool.start()
     try:
-        yield Rig(sim, pool, sink, port)
+        yield Rig(sim, pool, fast, sink, port, clock)
     finally:
+        clock.advance(1.0)  # past every deadline: nothing waits on a withheld answer
         await pool.stop(2.0)
         await adapter.close()
         await fast.close()
@@ -83,7 +130,7 @@ async def rig() -> AsyncIterator[Rig]:
 async def test_polls_spread_evenly_and_on_the_phase_grid(rig: Rig) -> None:
     interval = 0.5
     rig.pool.sync(rig.fleet(100, interval))
-    await asyncio.sleep(interval * 6.2)
+    await rig.run(interval * 6.2)
     ticks = rig.by_device()
     assert len(ticks) == 100
     phases = []
@@ -102,18 +149,19 @@ async def test_polls_spread_evenly_and_on_the_phase_grid(rig: Rig) -> None:
     gaps = [b - a for a, b in itertools.pairwise(phases)]
     gaps.append(phases[0] + interval - phases[-1])
     assert max(gaps) < interval / 4
-    assert rig.pool.stats.lateness.quantile(0.99) < 0.25
-    # The simulator saw requests at the scheduled times (within 250 ms).
-    for device_id in list(ticks)[:10]:
+    # Sent when due: never early, at most one wheel slot (20 ms) late.
+    lateness = rig.pool.stats.lateness
+    assert lateness.count == sum(len(seen) for seen in ticks.values())
+    assert 0.0 <= lateness.max < 0.02
+    # Each tick is one poll the device saw: none lost, none repeated.
+    for device_id, seen in ticks.items():
         cloud_id = rig.pool.loops[device_id].target.cloud_id
-        arrivals = rig.sim.arrivals(cloud_id)
-        for tick, arrived in zip(ticks[device_id], arrivals, strict=False):
-            assert 0 <= arrived - tick < 0.25
+        assert rig.sim.records.polls_of(cloud_id) == len(seen)
 
 
 async def test_readings_carry_values_the_simulator_served(rig: Rig) -> None:
     rig.pool.sync(rig.fleet(20, 0.5))
-    await asyncio.sleep(1.6)
+    await rig.run(1.6)
     served: dict[str, list[float | None]] = collections.defaultdict(list)
     for s in rig.sim.served():
         if s.demand_w is not None:
@@ -126,11 +174,11 @@ async def test_readings_carry_values_the_simulator_served(rig: Rig) -> None:
         got[r.cloud_id].append(r.demand_w)
         if r.delivered_wh is not None:
             with_totals += 1
-    # Every reading is one the device served, in order (an answer still in
-    # flight at the end may be served but not yet received).
+    # Every reading is one the device served, in order, and every answer
+    # served was received (the rig waits for them).
+    assert set(got) == set(served)
     for cloud_id, values in got.items():
-        assert values == pytest.approx(served[cloud_id][: len(values)])
-        assert len(served[cloud_id]) - len(values) <= 1
+        assert values == pytest.approx(served[cloud_id])
     assert with_totals >= 20  # the first poll of each device reads the totals
 
 
@@ -141,7 +189,7 @@ async def test_repeating_sessions_leave_the_loop_only_wire_bytes(rig: Rig) -> No
     from poller.transport.prepared import PreparedRequest
 
     rig.pool.sync(rig.fleet(10, 0.5))
-    await asyncio.sleep(2.2)
+    await rig.run(2.2)
     per_device = collections.Counter(r.device_id for r in rig.sink.readings)
     assert len(per_device) == 10 and min(per_device.values()) >= 4  # repeated polls
     totals = collections.Counter(r.device_id for r in rig.sink.readings
@@ -159,18 +207,20 @@ async def test_repeating_sessions_leave_the_loop_only_wire_bytes(rig: Rig) -> No
 async def test_overrun_skips_ticks_and_never_bursts(rig: Rig) -> None:
     interval = 0.3
     rig.pool.sync(rig.fleet(20, interval))
-    await asyncio.sleep(0.7)
+    await rig.run(0.7)
+    assert rig.pool.stats.skipped_ticks == 0
     before = len(rig.sink.readings)
-    time.sleep(interval * 4)  # the event loop stalls: ticks are missed
-    await asyncio.sleep(0.8)
+    rig.clock.stall(interval * 4)  # the event loop stalls: ticks are missed
+    await rig.run(0.9)
     ticks = rig.by_device()
-    assert rig.pool.stats.skipped_ticks > 0
+    # Each device polled its overdue tick once, then skipped the three or
+    # four it missed, then went on with the grid: never a burst.
+    assert 20 * 3 <= rig.pool.stats.skipped_ticks <= 20 * 4
     for seen in ticks.values():
         assert len(seen) == len(set(seen))
         assert seen == sorted(seen)
-    # After the stall each device polls at most once per remaining tick.
     after = len(rig.sink.readings) - before
-    assert after <= 20 * (0.8 / interval + 2)
+    assert after <= 20 * (1 + 0.9 / interval + 1)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +241,7 @@ async def test_fault_gives_outcome_state_and_spares_the_rest(
     bad = [fleet[i][0].cloud_id for i in (1, 2, 3)]
     rig.sim.set_faults({fault: bad})
     rig.pool.sync(fleet)
-    await asyncio.sleep(2.0)
+    await rig.run(2.0)
     targets = {t.cloud_id: t for t in rig.pool.targets()}
     for cloud_id in bad:
         t = targets[cloud_id]
@@ -225,10 +275,10 @@ async def test_recovery_on_first_success(rig: Rig) -> None:
     cid = fleet[1][0].cloud_id
     rig.sim.set_faults({Fault.HTTP_5XX: [cid]})
     rig.pool.sync(fleet)
-    await asyncio.sleep(1.0)
+    await rig.run(1.0)
     assert rig.pool.loops[1].target.state is DeviceState.FAILING
     rig.sim.set_faults({Fault.HTTP_5XX: []})
-    await asyncio.sleep(2.5)  # back-off is capped at 2 s in this rig
+    await rig.run(2.5)  # back-off is capped at 2 s in this rig
     t = rig.pool.loops[1].target
     assert t.state is DeviceState.OK
     assert t.consecutive_failures == 0
@@ -240,12 +290,12 @@ async def test_changed_credentials_restart_an_auth_failed_device(rig: Rig) -> No
     rec = fleet[1][0]
     fleet[1] = rig.entry(1, rec.cloud_id, 0.3, password="wrong-password")
     rig.pool.sync(fleet)
-    await asyncio.sleep(0.8)
+    await rig.run(0.8)
     assert rig.pool.loops[1].target.state is DeviceState.AUTH_FAILED
     fixed = rig.entry(1, rec.cloud_id, 0.3, version=replace(rec).updated_at.replace(year=2027))
     result = rig.pool.sync({**fleet, 1: fixed})
     assert result.restarted == 1
-    await asyncio.sleep(0.8)
+    await rig.run(0.8)
     t = rig.pool.loops[1].target
     assert t.state is DeviceState.OK
     assert t.failures is not None and any(t.failures)  # failure history kept
@@ -264,7 +314,7 @@ async def test_sync_starts_and_stops_the_difference(rig: Rig) -> None:
     rig.pool.sync({})
     assert rig.pool.expected_polls_per_s() == 0.0
     rig.pool.sync(smaller)
-    await asyncio.sleep(0.7)
+    await rig.run(0.7)
     assert {r.device_id for r in rig.sink.readings[-6:]} <= set(smaller)
 
 
@@ -289,15 +339,16 @@ async def test_config_error_is_data_not_a_crash(rig: Rig) -> None:
 async def test_our_own_overload_skips_ticks_and_blames_no_device(rig: Rig) -> None:
     # One connection for the whole fleet and a device that answers late:
     # the others' polls expire in our queue before anything is sent.
-    one = FastHttpClient(max_connections_per_host=1)
-    pool = DevicePool(rig.pool.settings, rig.sink, {"eagle-cloud": one}, seed="test")
+    one = FastHttpClient(max_connections_per_host=1, clock=rig.clock)
+    pool = DevicePool(rig.pool.settings, rig.sink, {"eagle-cloud": one}, seed="test",
+                      clock=rig.clock)
     await pool.start()
     try:
         fleet = rig.fleet(20, 0.5)
         hanging = range(1, 6)
         rig.sim.set_faults({Fault.HANG: [fleet[i][0].cloud_id for i in hanging]})
         pool.sync(fleet)
-        await asyncio.sleep(2.0)
+        await rig.run(2.0, pool, one)
         assert pool.stats.skipped_ticks > 0
         assert pool.stats.outcome_counts()["timeout"] > 0  # the hanging ones, sent
         for device_id, lp in pool.loops.items():
@@ -305,5 +356,84 @@ async def test_our_own_overload_skips_ticks_and_blames_no_device(rig: Rig) -> No
                 assert lp.target.state is not DeviceState.FAILING, lp.target.last_error
                 assert lp.target.failures is None
     finally:
+        rig.clock.advance(1.0)
         await pool.stop(1.0)
         await one.close()
+
+
+# -- wall-clock steps -----------------------------------------------------------
+
+
+def _assert_no_tick_twice(rig: Rig) -> None:
+    for seen in rig.by_device().values():
+        assert seen == sorted(set(seen)), "a device stored a tick twice or out of order"
+
+
+async def test_forward_wall_step_reanchors_once_and_skips_the_jumped_ticks(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    interval = 0.5
+    rig.pool.sync(rig.fleet(10, interval))
+    await rig.run(1.5)
+    stepped_at = rig.clock.wall()
+    before = len(rig.sink.readings)
+    caplog.set_level(logging.WARNING, logger="poller.polling")
+    rig.clock.step_wall(3600.0)  # NTP corrects a clock an hour slow
+    await rig.run(3.0)
+    stats = rig.pool.stats
+    assert stats.clock_steps == 1
+    steps_logged = [r for r in caplog.records if "wall clock stepped" in r.getMessage()]
+    assert len(steps_logged) == 1 and "+3600" in steps_logged[0].getMessage()
+    # Within a second the ticks follow the new wall time; an hour of ticks was
+    # jumped over (counted), and nothing fired in a burst to catch up.
+    new = rig.sink.readings[before:]
+    assert new[-1].tick_at > stepped_at + 3600.0
+    assert abs(new[-1].received_at - rig.clock.wall()) < 2 * interval
+    assert stats.skipped_ticks >= 10 * (3600.0 / interval - 1)
+    assert len(new) <= 10 * (3.0 / interval + 1)
+    assert stats.lateness.max < 0.02  # nothing fired late after the re-anchor
+    assert stats.tick_conflicts == 0
+    _assert_no_tick_twice(rig)
+
+
+async def test_backward_wall_step_never_repeats_a_tick_and_counts_what_it_skips(
+        rig: Rig) -> None:
+    interval = 0.5
+    fleet = rig.fleet(10, interval)
+    rig.pool.sync(fleet)
+    await rig.run(1.5)
+    last_before = {d: seen[-1] for d, seen in rig.by_device().items()}
+    rig.clock.step_wall(-2.0)  # set back two seconds: four ticks come round again
+    await rig.run(1.0)  # the step is seen within a second
+    stats = rig.pool.stats
+    assert stats.clock_steps == 1
+    # Each device leaves out the four ticks that come round again, less one
+    # if the step came while its tick was due and not yet sent (that tick it
+    # has no reading of: it is sent, two seconds on).
+    assert 10 * 3 <= stats.tick_conflicts <= 10 * 4
+    conflicts = stats.tick_conflicts
+    # A device restarted inside that window (its registration changed) keeps
+    # to the rule too: its first tick comes after its last reading.
+    rec, _ = fleet[1]
+    restarted = rig.entry(1, rec.cloud_id, interval, version=T0.replace(year=2027))
+    assert rig.pool.sync({**fleet, 1: restarted}).restarted == 1
+    await rig.run(3.0)
+    _assert_no_tick_twice(rig)
+    ticks = rig.by_device()
+    for device_id, last in last_before.items():
+        after = [t for t in ticks[device_id] if t > last]
+        assert after, f"device {device_id} stopped polling after the step"
+    # The restarted loop began after its last reading: a few more left out.
+    assert stats.tick_conflicts > conflicts
+    assert sum(t.skipped_ticks for t in rig.pool.targets()) == stats.tick_conflicts
+
+
+async def test_a_drift_under_a_second_is_not_a_step(rig: Rig) -> None:
+    rig.pool.sync(rig.fleet(5, 0.5))
+    await rig.run(1.0)
+    rig.clock.step_wall(0.6)
+    await rig.run(1.0)
+    rig.clock.step_wall(-0.3)  # both against the offset taken at start: 0.6, then 0.3
+    await rig.run(1.5)
+    assert rig.pool.stats.clock_steps == 0
+    assert rig.pool.stats.tick_conflicts == 0
+    _assert_no_tick_twice(rig)

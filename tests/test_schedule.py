@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import statistics
-
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from poller.clock import FakeClock
 from poller.polling import schedule
 from poller.polling.wheel import TimingWheel
 
@@ -42,31 +41,63 @@ def test_many_ticks_do_not_drift() -> None:
 
 
 class _Fired:
-    def __init__(self, log: list[tuple[int, float]], ident: int, due: float) -> None:
-        self.log, self.ident, self.due = log, ident, due
+    def __init__(self, log: list[tuple[int, float]], clock: FakeClock, ident: int,
+                 due: float) -> None:
+        self.log, self.clock, self.ident, self.due = log, clock, ident, due
 
     def fire(self) -> None:
-        import time
-
-        self.log.append((self.ident, time.monotonic() - self.due))
+        self.log.append((self.ident, self.clock.monotonic() - self.due))
 
 
-async def test_wheel_fires_each_item_once_never_early() -> None:
-    import time
-
-    loop = asyncio.get_running_loop()
-    wheel = TimingWheel(loop, 0.005)
+def test_wheel_fires_each_item_once_never_early_at_most_a_slot_late() -> None:
+    clock = FakeClock(monotonic=1000.0)
+    wheel = TimingWheel(clock, 0.005)
     fired: list[tuple[int, float]] = []
-    start = time.monotonic()
+    start = clock.monotonic()
     for i in range(500):
         due = start + 0.01 + (i % 50) * 0.004
-        wheel.add(due, _Fired(fired, i, due))
-    await asyncio.sleep(0.35)
-    wheel.close()
+        wheel.add(due, _Fired(fired, clock, i, due))
+    assert len(wheel) == 500
+    clock.advance(0.0095)
+    assert fired == []  # nothing is due yet
+    clock.advance(0.35)
     assert sorted(i for i, _ in fired) == list(range(500))
     lateness = [late for _, late in fired]
     assert min(lateness) >= 0  # never early
-    assert statistics.median(lateness) < 0.05
+    assert max(lateness) < 0.005 + 1e-9  # rounded up to its slot, no more
+    assert len(wheel) == 0 and clock.next_at() is None  # no timer left armed
+
+
+def test_wheel_fires_nothing_when_its_timer_runs_early() -> None:
+    # uvloop counts whole milliseconds: a timer may run a little before its
+    # instant by the clock. The wheel judges the slot by the clock and re-arms.
+    clock = FakeClock(monotonic=1000.0)
+    wheel = TimingWheel(clock, 0.02)
+    fired: list[tuple[int, float]] = []
+    wheel.add(1000.05, _Fired(fired, clock, 1, 1000.05))
+    timer_at = clock.next_at()
+    assert timer_at is not None and timer_at == pytest.approx(1000.06)
+    early = clock.next_at()
+    clock.stall(0.059)  # the loop runs the wheel's timer a millisecond early:
+    wheel._run()
+    assert fired == []  # nothing fires, the timer is armed again
+    clock.advance(0.0)
+    assert fired == [] and clock.next_at() == early
+    clock.advance(0.002)
+    assert [i for i, _ in fired] == [1]
+
+
+def test_wheel_drain_hands_back_every_item_earliest_first_and_disarms() -> None:
+    clock = FakeClock(monotonic=1000.0)
+    wheel = TimingWheel(clock, 0.01)
+    fired: list[tuple[int, float]] = []
+    items = [_Fired(fired, clock, i, 1000.0 + (5 - i) * 0.1) for i in range(5)]
+    for item in items:
+        wheel.add(item.due, item)
+    assert wheel.drain() == items[::-1]
+    assert len(wheel) == 0 and clock.next_at() is None
+    clock.advance(1.0)
+    assert fired == []
 
 
 def test_tick_times_are_whole_microseconds_and_match_the_loops() -> None:

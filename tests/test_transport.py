@@ -2,6 +2,9 @@
 
 Normal cases run against an aiohttp web server; hostile ones against raw
 ``asyncio.start_server`` handlers that write exactly the bytes under test.
+Deadlines of the fast transport are tested on a FakeClock (poller.clock), so
+a deadline passes exactly when the test moves the clock; tests run on both
+transports keep the real clock and check only that a deadline is never early.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from poller.clock import FakeClock, settle
 from poller.drivers.base import HttpRequest, HttpResponse
 from poller.transport import (
     AiohttpClient,
@@ -347,7 +351,7 @@ async def test_server_closing_idle_connection_is_transparent(
     server = await raw_servers(handler)
     client = make_client()
     assert (await client.fetch(get(server.url()), 2.0)).body == b"ok"
-    await asyncio.sleep(0.1)
+    await asyncio.wait(set(server.tasks))  # the server has closed it
     assert (await client.fetch(get(server.url()), 2.0)).body == b"ok"
     assert server.connections == 2
 
@@ -371,14 +375,46 @@ async def test_hanging_server_times_out_then_next_request_works(
     began = time.monotonic()
     with pytest.raises(TransportTimeout):
         await client.fetch(get(server.url("/hang")), 0.3)
-    elapsed = time.monotonic() - began
-    assert 0.28 <= elapsed <= 0.5
+    assert time.monotonic() - began >= 0.29  # never early (how late is the loop's)
     assert (await client.fetch(get(server.url("/ok")), 2.0)).body == b"ok"
-    # The timed-out connection was dropped, so the deadline sweep may have
-    # stopped with no connection open; the next one must be swept again.
-    await asyncio.sleep(0.3)
-    with pytest.raises(TransportTimeout):
-        await client.fetch(get(server.url("/hang")), 0.3)
+
+
+async def test_fast_deadlines_pass_exactly_on_the_clock(
+    raw_servers: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    got_request = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (target := await read_request(reader)) is not None:
+            if target == "/hang":
+                got_request.set()
+                await reader.read()  # until the client gives up
+                return
+            writer.write(ok_response())
+
+    server = await raw_servers(handler)
+    clock = FakeClock()
+    client = FastHttpClient(deadline_resolution_s=0.05, clock=clock)
+    try:
+        for _ in range(2):
+            assert (await client.fetch(get(server.url("/ok")), 2.0)).body == b"ok"
+            got_request.clear()
+            hung = asyncio.ensure_future(client.fetch(get(server.url("/hang")), 0.3))
+            await asyncio.wait_for(got_request.wait(), 5.0)  # on the wire
+            clock.advance(0.29)
+            await settle()
+            assert not hung.done()  # never early
+            clock.advance(0.06)  # the next sweep after the deadline
+            with pytest.raises(TransportTimeout):
+                await hung
+            # The timed-out connection was dropped and the sweep, with no
+            # connection open, stopped; the next exchange must be swept again.
+            clock.advance(1.0)
+        # One connection per round: a timed-out one is closed, never reused.
+        stats = client.stats()
+        assert (stats.connections_opened, stats.open_connections) == (2, 0)
+    finally:
+        await client.close()
 
 
 async def test_connection_refused(make_client: MakeClient) -> None:
@@ -406,7 +442,7 @@ async def test_connect_timeout(make_client: MakeClient) -> None:
             began = time.monotonic()
             with pytest.raises(TransportTimeout):
                 await client.fetch(get(f"http://127.0.0.1:{port}/"), 0.3)
-            assert 0.28 <= time.monotonic() - began <= 0.5
+            assert time.monotonic() - began >= 0.29  # never early
             if isinstance(client, FastHttpClient):
                 stats = client.stats()
                 assert (stats.connecting, stats.open_connections, stats.in_flight) == (0, 0, 0)
@@ -574,25 +610,31 @@ def test_requests_to_one_place_share_all_but_their_own_headers() -> None:
     assert other_body.start is first.start and other_body.end != first.end
 
 async def test_callback_api_and_stats(web_server: WebServer) -> None:
-    client = FastHttpClient(max_connections_per_host=2)
+    clock = FakeClock()
+    client = FastHttpClient(max_connections_per_host=2, clock=clock)
     loop = asyncio.get_running_loop()
     prepared = client.prepared(get(f"http://127.0.0.1:{web_server.port}/echo"))
     results: list[HttpResponse | BaseException] = []
     all_done = loop.create_future()
     total = 50
+    started = 0
+
+    def start() -> None:
+        nonlocal started
+        started += 1
+        client.start(prepared, clock.monotonic() + 2.0, on_done)
 
     def on_done(result: HttpResponse | BaseException) -> None:
         results.append(result)
-        if len(results) < total:
-            client.start(prepared, loop.time() + 2.0, on_done)
-        elif not all_done.done():
+        if started < total:
+            start()
+        elif len(results) == started and not all_done.done():
             all_done.set_result(None)
 
     for _ in range(2):
-        client.start(prepared, loop.time() + 2.0, on_done)
+        start()
         assert results == []  # never called from inside start()
     await asyncio.wait_for(all_done, 5.0)
-    await asyncio.sleep(0.05)
     assert all(isinstance(r, HttpResponse) and r.status == 200 for r in results)
     stats = client.stats()
     assert stats.in_flight == 0 and stats.waiters == 0 and stats.connecting == 0
@@ -651,7 +693,7 @@ async def test_bytes_after_complete_response_retire_the_connection(
     client = FastHttpClient()
     try:
         assert (await client.fetch(get(server.url()), 2.0)).body == b"ok"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # real time: the stray bytes reach us
         assert (await client.fetch(get(server.url()), 2.0)).body == b"ok"
         assert server.connections == 2
     finally:
@@ -678,26 +720,35 @@ async def test_response_head_over_cap(
 async def test_waiters_are_bounded_and_time_out(
     raw_servers: Callable[[Handler], Awaitable[RawServer]],
 ) -> None:
+    got_hang = asyncio.Event()
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (target := await read_request(reader)) is not None:
             if target == "/hang":
+                got_hang.set()
                 await reader.read()
                 return
             writer.write(ok_response())
 
     server = await raw_servers(handler)
-    client = FastHttpClient(max_connections_per_host=1, max_waiters=1)
+    clock = FakeClock()
+    client = FastHttpClient(max_connections_per_host=1, max_waiters=1, clock=clock)
     try:
         hung = asyncio.ensure_future(client.fetch(get(server.url("/hang")), 1.0))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(got_hang.wait(), 5.0)
         waiting = asyncio.ensure_future(client.fetch(get(server.url("/ok")), 0.2))
-        await asyncio.sleep(0)
+        await settle()
         assert client.stats().waiters == 1
         with pytest.raises(TransportPoolFull):
             await client.fetch(get(server.url("/ok")), 1.0)
+        clock.advance(0.19)
+        await settle()
+        assert not waiting.done() and not hung.done()
+        clock.advance(0.06)
         with pytest.raises(TransportQueueTimeout, match="waiting for a connection"):
             await waiting
         assert client.stats().waiters == 0
+        clock.advance(0.8)
         with pytest.raises(TransportTimeout) as sent:
             await hung
         assert not isinstance(sent.value, TransportQueueTimeout)  # it reached the server
@@ -712,18 +763,25 @@ async def test_waiter_left_too_little_time_is_our_timeout_not_the_servers(
     # A slow answer holds the only connection for 0.25 s; the waiter then has
     # 0.1 s left, less than one deadline slot (0.2 s), so it must fail as our
     # queue's timeout rather than be sent and blamed on the server.
+    got_slow, answer_slow = asyncio.Event(), asyncio.Event()
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (target := await read_request(reader)) is not None:
             if target == "/slow":
-                await asyncio.sleep(0.25)
+                got_slow.set()
+                await answer_slow.wait()
             writer.write(ok_response())
 
     server = await raw_servers(handler)
-    client = FastHttpClient(max_connections_per_host=1, deadline_resolution_s=0.2)
+    clock = FakeClock()
+    client = FastHttpClient(max_connections_per_host=1, deadline_resolution_s=0.2, clock=clock)
     try:
         slow = asyncio.ensure_future(client.fetch(get(server.url("/slow")), 2.0))
-        await asyncio.sleep(0)
+        await asyncio.wait_for(got_slow.wait(), 5.0)
         waiting = asyncio.ensure_future(client.fetch(get(server.url("/ok")), 0.35))
+        await settle()
+        clock.advance(0.25)
+        answer_slow.set()
         assert (await slow).body == b"ok"
         with pytest.raises(TransportQueueTimeout, match="deadline too close"):
             await waiting
@@ -759,14 +817,17 @@ async def test_global_cap_moves_connections_between_hosts(
 async def test_close_fails_pending_requests(
     raw_servers: Callable[[Handler], Awaitable[RawServer]],
 ) -> None:
+    got_request = asyncio.Event()
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
+        got_request.set()
         await reader.read()
 
     server = await raw_servers(handler)
     client = FastHttpClient(max_connections_per_host=1)
     pending = [asyncio.ensure_future(client.fetch(get(server.url()), 5.0)) for _ in range(3)]
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(got_request.wait(), 5.0)  # one on the wire, two waiting
     await client.close()
     for fut in pending:
         with pytest.raises(TransportConnectError, match="closed"):
@@ -869,14 +930,16 @@ async def test_closed_connections_are_freed_without_the_cyclic_gc(
         writer.write(b"HTTP/1.0 200 OK\r\n\r\nbye")
 
     server = await raw_servers(handler)
-    client = FastHttpClient(deadline_resolution_s=0.01)
+    clock = FakeClock()
+    client = FastHttpClient(deadline_resolution_s=0.01, clock=clock)
     gc.collect()
     gc.disable()  # whatever is freed now is freed by reference counting
     try:
         for _ in range(20):
             got = await client.fetch(get(server.url()), 0.2)
             assert got.body == b"bye"
-        await asyncio.sleep(0.3)  # past every deadline: nothing holds the requests
+        clock.advance(0.3)  # past every deadline: nothing holds the requests
+        await settle()
         alive = [o for o in gc.get_objects() if type(o) is HttpConnection]
         assert alive == []
     finally:
@@ -901,9 +964,17 @@ async def test_abandoned_and_refused_connects_leave_no_reference_cycles() -> Non
             filler.setblocking(False)
             filler.connect_ex(listener.getsockname())
         closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
-        client = FastHttpClient(deadline_resolution_s=0.01)
+        clock = FakeClock()
+        client = FastHttpClient(deadline_resolution_s=0.01, clock=clock)
         loop = asyncio.get_running_loop()
         results: list[HttpResponse | BaseException] = []
+        refused_all = loop.create_future()
+
+        def on_done(result: HttpResponse | BaseException) -> None:
+            results.append(result)
+            if len(results) == 5 and not refused_all.done():
+                refused_all.set_result(None)
+
         gc.collect()
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)
@@ -911,8 +982,11 @@ async def test_abandoned_and_refused_connects_leave_no_reference_cycles() -> Non
             for address in (listener.getsockname(), closed.getsockname()):
                 prepared = client.prepared(get(f"http://127.0.0.1:{address[1]}/"))
                 for _ in range(5):
-                    client.start(prepared, loop.time() + 0.05, results.append)
-            await asyncio.sleep(0.3)
+                    client.start(prepared, clock.monotonic() + 0.05, on_done)
+            await asyncio.wait_for(refused_all, 5.0)  # the refusals, in real time
+            assert {type(r) for r in results} == {TransportConnectError}
+            clock.advance(0.1)  # the hanging connects' deadline
+            await settle()
             assert sorted(type(r).__name__ for r in results) == \
                 ["TransportConnectError"] * 5 + ["TransportTimeout"] * 5
             results.clear()

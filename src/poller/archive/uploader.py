@@ -15,7 +15,11 @@ keep its bookkeeping; without it the uploader unlinks them)::
     await uploader.start()
     ...                                   # spool calls uploader.kick() per closed segment
     await uploader.stop()                 # at shutdown, after the hour file is closed:
-    await uploader.upload_pending(time.time() + grace_s)
+    await uploader.upload_pending(clock.monotonic() + grace_s)
+
+Time comes from the injected :class:`~poller.clock.Clock`: back-off, rechecks
+and deadlines on its monotonic scale; upload times and the age of a pending
+segment (from its file's mtime) on its wall scale.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +37,9 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from poller.archive.naming import SegmentName, archive_key, parse_segment_name
+from poller.archive.naming import SEGMENT_SUFFIX, SegmentName, archive_key, parse_segment_name
 from poller.archive.s3 import ArchiveError, UploadResult
+from poller.clock import Clock, LoopClock
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +93,14 @@ class Uploader:
         prefix: str,
         may_delete: Callable[[str], bool],
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 300.0,
         idle_recheck_s: float = 30.0,
         disk_warn_fraction: float = 0.85,
         on_state: Callable[[UploaderStats], None] | None = None,
         delete: Callable[[str], Awaitable[None]] | None = None,
+        instance: str | None = None,
     ) -> None:
         if backoff_base_s <= 0 or backoff_max_s < backoff_base_s:
             raise ValueError("need 0 < backoff_base_s <= backoff_max_s")
@@ -107,13 +112,15 @@ class Uploader:
         self._dir = Path(spool_dir)
         self._prefix = prefix
         self._may_delete = may_delete
-        self._clock = clock
+        self._clock = clock if clock is not None else LoopClock()
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
         self._idle_recheck_s = idle_recheck_s
         self._disk_warn_fraction = disk_warn_fraction
         self._on_state = on_state
         self._delete = delete
+        # Instances may share a spool directory: each touches only its own files.
+        self._instance = instance
         self._lock = asyncio.Lock()
         self._kicked = asyncio.Event()
         self._stop_requested = asyncio.Event()
@@ -171,8 +178,8 @@ class Uploader:
     async def upload_pending(self, deadline: float | None = None) -> int:
         """Upload every closed segment, oldest first; return how many were uploaded.
 
-        ``deadline`` is a time on the uploader's clock after which no upload
-        starts and one in progress is abandoned. Deletes what may be deleted.
+        ``deadline`` is a monotonic instant of the uploader's clock after which
+        no upload starts and one in progress is abandoned. Deletes what may be deleted.
         Raises :class:`ArchiveError` (or ``OSError`` for the spool) at the
         first failure; what was uploaded before it stays recorded.
         """
@@ -183,7 +190,7 @@ class Uploader:
         """A snapshot of the state as of the last pass."""
         lag = 0.0
         if self._oldest_pending_mtime is not None:
-            lag = max(0.0, self._clock() - self._oldest_pending_mtime)
+            lag = max(0.0, self._clock.wall() - self._oldest_pending_mtime)
         return UploaderStats(
             segments_pending=self._pending,
             bytes_pending=self._bytes_pending,
@@ -205,19 +212,9 @@ class Uploader:
                     await self._pass(None, interruptible=True)
             except (ArchiveError, OSError):
                 # Recorded by _pass. Kicks do not cut a back-off short.
-                await self._sleep(self._backoff_delay(), self._stop_requested)
+                await self._clock.wait(self._backoff_delay(), self._stop_requested)
                 continue
-            await self._sleep(self._idle_recheck_s, self._kicked)
-
-    async def _sleep(self, delay_s: float, event: asyncio.Event) -> None:
-        waits = {asyncio.ensure_future(event.wait())}
-        if event is not self._stop_requested:
-            waits.add(asyncio.ensure_future(self._stop_requested.wait()))
-        try:
-            await asyncio.wait(waits, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+            await self._clock.wait(self._idle_recheck_s, self._kicked, self._stop_requested)
 
     def _backoff_delay(self) -> float:
         exponent = min(self._failures - 1, 32)
@@ -254,7 +251,7 @@ class Uploader:
     async def _upload(self, seg: _Segment, deadline: float | None) -> bool:
         """Upload and mark one segment; False when the deadline cut it off."""
         key = archive_key(self._prefix, seg.name)
-        remaining = None if deadline is None else deadline - self._clock()
+        remaining = None if deadline is None else deadline - self._clock.monotonic()
         if remaining is not None and remaining <= 0:
             return False
         try:
@@ -267,7 +264,7 @@ class Uploader:
             raise
         self._write_marker(seg, result)
         self._uploads_total += 1
-        self._last_success_at = self._clock()
+        self._last_success_at = self._clock.wall()
         if self._failures:
             log.info("archive uploads resumed after %d failures", self._failures)
         self._failures = 0
@@ -282,6 +279,8 @@ class Uploader:
         with os.scandir(self._dir) as entries:
             for entry in entries:
                 name = entry.name
+                if not self._mine(name):
+                    continue
                 if name.endswith(MARKER_SUFFIX):
                     markers.append(name)
                     continue
@@ -307,6 +306,16 @@ class Uploader:
         segments.sort()
         return segments
 
+    def _mine(self, name: str) -> bool:
+        if self._instance is None:
+            return True
+        # Markers and their temporaries are the segment's name plus a suffix.
+        segment = name.split(SEGMENT_SUFFIX, 1)[0] + SEGMENT_SUFFIX
+        try:
+            return parse_segment_name(segment).instance == self._instance
+        except ValueError:
+            return False
+
     def _is_uploaded(self, seg: _Segment) -> bool:
         try:
             doc = orjson.loads((self._dir / (seg.name + MARKER_SUFFIX)).read_bytes())
@@ -321,7 +330,7 @@ class Uploader:
         tmp = self._dir / (seg.name + _MARKER_TMP_SUFFIX)
         tmp.write_bytes(orjson.dumps(
             {"key": result.key, "size": result.size, "etag": result.etag,
-             "parts": result.parts, "uploaded_at": self._clock()}))
+             "parts": result.parts, "uploaded_at": self._clock.wall()}))
         os.replace(tmp, marker)
 
     async def _delete_if_loaded(self, seg: _Segment) -> None:

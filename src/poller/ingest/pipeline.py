@@ -12,6 +12,10 @@ and Postgres has loaded it.
 Memory stays bounded: when the spool itself cannot write (a full disk), the
 buffer stops accepting at ``buffer_max_rows`` and the loops skip ticks,
 counted as back-pressure, rather than lose readings.
+
+Time comes from one injected :class:`~poller.clock.Clock`: flush age, hour
+rotation, pauses and the shutdown deadline on its monotonic scale; reading
+ages (``received_at`` is wall time) and the hour to close on its wall scale.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import contextlib
 import logging
 import operator
 import random
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from poller.archive.uploader import Uploader
+from poller.clock import Clock, LoopClock
 from poller.config import IngestSettings
 from poller.ingest.livestate import LiveState
 from poller.ingest.pgload import LoaderError, LoaderUnavailable, PgLoader
@@ -48,13 +52,13 @@ def _hour(tick_at: float) -> int:
 class Ingest:
     def __init__(self, settings: IngestSettings, spool: Spool, loader: PgLoader,
                  uploader: Uploader | None, live: LiveState | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Clock | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.loader = loader
         self.uploader = uploader
         self.live = live
-        self._clock = clock
+        self._clock = clock if clock is not None else LoopClock()
         self._buffer: list[Reading] = []
         self._batch_rows = settings.batch_rows
         self._max_rows = settings.buffer_max_rows
@@ -116,7 +120,7 @@ class Ingest:
             oldest = min(oldest or self._behind_since, self._behind_since)
         if oldest is None and self._buffer:
             oldest = self._buffer[0].received_at
-        return max(0.0, self._clock() - oldest) if oldest is not None else 0.0
+        return max(0.0, self._clock.wall() - oldest) if oldest is not None else 0.0
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -145,7 +149,7 @@ class Ingest:
 
     async def stop(self, deadline: float) -> None:
         """Flush, load, close the hour files and upload them, until ``deadline``
-        (``time.monotonic()``). What is not done by then stays in the spool for
+        (the clock's monotonic time). What is not done by then stays in the spool for
         the next start. Order: buffer -> spool -> Postgres -> close segments ->
         S3 -> Redis -> close."""
         if not self.spool.is_open:
@@ -158,17 +162,18 @@ class Ingest:
         self._stopping = True
         self._stop_event.set()
         graceful = [t for t in self._tasks if t.get_name() in ("ingest-flusher", "ingest-loader")]
+        now = self._clock.monotonic
         if graceful:
-            await asyncio.wait(graceful, timeout=max(0.1, deadline - time.monotonic()))
+            await asyncio.wait(graceful, timeout=max(0.1, deadline - now()))
         await cancel_and_wait(self._tasks)
-        while self._buffer and time.monotonic() < deadline:
+        while self._buffer and now() < deadline:
             if not await self._flush_once():
-                await asyncio.sleep(0.2)
+                await self._clock.sleep(0.2)
         if self._buffer:
             log.error("shutdown: %d reading(s) could not be written to the spool",
                       len(self._buffer))
         # Leave a third of what remains for the uploads.
-        load_until = deadline - (deadline - time.monotonic()) / 3
+        load_until = deadline - (deadline - now()) / 3
         await self._drain_loader(load_until)
         try:
             closed = await self.spool.close_all()
@@ -178,9 +183,8 @@ class Ingest:
         if self.uploader is not None:
             if closed:
                 with contextlib.suppress(Exception):
-                    await self.uploader.upload_pending(
-                        time.time() + max(0.0, deadline - time.monotonic()))
-            await self.uploader.stop(timeout_s=max(0.1, deadline - time.monotonic()))
+                    await self.uploader.upload_pending(deadline)
+            await self.uploader.stop(timeout_s=max(0.1, deadline - now()))
         if self.live is not None:
             await self.live.flush(final=True)
             await self.live.close()
@@ -190,11 +194,12 @@ class Ingest:
     # -- buffer -> spool ----------------------------------------------------------
 
     async def _flusher(self) -> None:
-        next_rotate = time.monotonic() + _ROTATE_EVERY_S
+        clock = self._clock
+        next_rotate = clock.monotonic() + _ROTATE_EVERY_S
         failures = 0
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.flush_interval_s)
+            # The stop event too: stop() need not wait out a flush interval.
+            await clock.wait(self.settings.flush_interval_s, self._wake, self._stop_event)
             self._wake.clear()
             if self._stopping:
                 return
@@ -203,8 +208,8 @@ class Ingest:
             else:
                 failures += 1
                 await self._pause(min(_RETRY_MAX_S, 0.5 * 2**failures))
-            if time.monotonic() >= next_rotate:
-                next_rotate = time.monotonic() + _ROTATE_EVERY_S
+            if clock.monotonic() >= next_rotate:
+                next_rotate = clock.monotonic() + _ROTATE_EVERY_S
                 await self._rotate()
 
     async def _flush_once(self) -> bool:
@@ -260,13 +265,13 @@ class Ingest:
         checkpoints next (idempotent, so nothing loads twice)."""
         if not self._behind:
             self._behind = True
-            self._behind_since = since if since is not None else self._clock()
+            self._behind_since = since if since is not None else self._clock.wall()
         self._pending.clear()
         self._pending_rows = 0
 
     async def _rotate(self) -> None:
         try:
-            closed = await self.spool.rotate(self._clock())
+            closed = await self.spool.rotate(self._clock.wall())
         except SpoolError as exc:
             log.error("closing an hour segment failed: %s", exc)
             return
@@ -277,15 +282,13 @@ class Ingest:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but not past the start of a shutdown."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_event.wait(), seconds)
+        await self._clock.wait(seconds, self._stop_event)
 
     async def _loader_loop(self) -> None:
         failures = 0
         while not self._stopping:
             if not self._pending and not self._behind:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._loader_wake.wait(), 1.0)
+                await self._clock.wait(1.0, self._loader_wake)
                 self._loader_wake.clear()
                 if self._stopping:
                     return
@@ -317,14 +320,14 @@ class Ingest:
             # Everything in memory is also on disk: catch-up covers it.
             self._pending.clear()
             self._pending_rows = 0
-            started = time.monotonic()
+            started = self._clock.monotonic()
             caught = await self.loader.catch_up()
             self._behind = False
             self._behind_since = None
             if caught:
                 self.rows_committed += caught
                 log.info("loader caught up %d reading(s) in %.1f s", caught,
-                         time.monotonic() - started)
+                         self._clock.monotonic() - started)
             if behind_since is not None or self._pg_was_down:
                 log.info("postgres loading again")
             self._pg_was_down = False
@@ -332,7 +335,7 @@ class Ingest:
         while self._pending:
             entry = self._pending[0]
             pos, rows = entry
-            started = time.monotonic()
+            started = self._clock.monotonic()
             try:
                 inserted = await self.loader.load(pos, rows)
             except LoaderError as exc:
@@ -341,7 +344,7 @@ class Ingest:
                 log.error("postgres refused %d reading(s) of %s: %s", len(rows), pos.segment,
                           exc)
                 inserted = 0
-            now = self._clock()
+            now = self._clock.wall()
             if self._pending and self._pending[0] is entry:
                 # (Not so when the queue overflowed meanwhile and was dropped.)
                 self._pending.popleft()
@@ -349,13 +352,14 @@ class Ingest:
             self.postgres_up = True
             self.rows_committed += inserted
             self.copy_batches += 1
-            self.copy_seconds.record(time.monotonic() - started)
+            self.copy_seconds.record(self._clock.monotonic() - started)
             self.commit_latency.record_ages(now, list(map(_RECEIVED_AT, rows)))
 
     async def _drain_loader(self, until: float) -> None:
-        while (self._pending or self._behind) and time.monotonic() < until:
+        now = self._clock.monotonic
+        while (self._pending or self._behind) and now() < until:
             try:
-                await asyncio.wait_for(self._load_available(), max(0.1, until - time.monotonic()))
+                await asyncio.wait_for(self._load_available(), max(0.1, until - now()))
             except (LoaderUnavailable, TimeoutError):
                 log.warning("shutdown: postgres did not take every reading; the spool keeps "
                             "them for the next start")

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from poller.clock import Clock, LoopClock
 from poller.drivers.base import HttpRequest, HttpResponse
 from poller.transport import Transport
 
@@ -17,10 +18,11 @@ OnDone = Callable[[HttpResponse | BaseException], None]
 
 
 class FetchAdapter:
-    __slots__ = ("_tasks", "_transport")
+    __slots__ = ("_now", "_tasks", "_transport")
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, clock: Clock | None = None) -> None:
         self._transport = transport
+        self._now = (clock if clock is not None else LoopClock()).monotonic
         self._tasks: set[asyncio.Task[None]] = set()
 
     def prepared(self, request: HttpRequest) -> Any:
@@ -29,9 +31,10 @@ class FetchAdapter:
     def start(self, prepared: Any, deadline: float, on_done: OnDone,
               headers: bytes | None = None) -> None:
         # ``headers`` belongs to the fast transport's ``shared`` split, which
-        # this adapter does not offer: it is always None here.
+        # this adapter does not offer: it is always None here. ``deadline`` is
+        # on the clock's monotonic scale; aiohttp takes the time left.
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._run(prepared, max(0.001, deadline - loop.time()), on_done))
+        task = loop.create_task(self._run(prepared, max(0.001, deadline - self._now()), on_done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

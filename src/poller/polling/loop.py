@@ -28,7 +28,9 @@ from poller.drivers.base import (
     HttpResponse,
     Outcome,
     PollFailure,
+    Sample,
 )
+from poller.drivers.bounds import Flawed
 from poller.polling import schedule
 from poller.polling.stats import OK_INDEX, OUTCOME_INDEX
 from poller.polling.target import DeviceState, Target
@@ -48,6 +50,7 @@ log = logging.getLogger("poller.polling")
 _I_TIMEOUT = OUTCOME_INDEX[Outcome.TIMEOUT]
 _I_CONNECT = OUTCOME_INDEX[Outcome.CONNECT_ERROR]
 _I_UNPARSEABLE = OUTCOME_INDEX[Outcome.UNPARSEABLE]
+_I_TOTALS_FAILED = OUTCOME_INDEX[Outcome.TOTALS_FAILED]
 _MAX_ERROR_LEN = 200
 _new_tuple = tuple.__new__
 
@@ -103,8 +106,49 @@ class DeviceLoop:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        now = self._pool.wall_now()
-        self._schedule(schedule.next_tick_index(now, self._interval, self._phase))
+        interval, phase = self._interval, self._phase
+        index = schedule.next_tick_index(self._pool.wall_now(), interval, phase)
+        latest = self.target.latest  # kept from the loop this one replaces
+        if latest is not None and schedule.tick_time(index, interval, phase) <= latest.tick_at:
+            # The wall clock went back since that reading: never a tick_at again
+            # that may be stored already (see DevicePool on clock steps).
+            after = schedule.next_tick_index(latest.tick_at, interval, phase)
+            if schedule.tick_time(after, interval, phase) <= latest.tick_at:
+                after += 1
+            self._pool.stats.tick_conflicts += after - index
+            self.target.skipped_ticks += after - index
+            index = after
+        self._schedule(index)
+
+    def reanchor(self, now_wall: float, step_s: float, scheduled: bool) -> None:
+        """The wall clock stepped by ``step_s`` and the pool took the new
+        offset; ``scheduled``: the loop was in the wheel (the pool drained it)
+        and must be put back.
+
+        A tick index is never used twice. After a backward step the ticks that
+        come round again, up to the ones already used, are not polled
+        (counted as conflicts); after a forward step the ticks jumped over
+        are skipped (counted), as after an overrun. A poll in flight or
+        waiting for a slot finishes first and schedules itself as usual."""
+        if self._stopped:
+            return
+        interval, phase = self._interval, self._phase
+        upcoming = self._index if scheduled or not self._in_flight else self._index + 1
+        due_before = schedule.next_tick_index(now_wall - step_s, interval, phase)
+        due_now = schedule.next_tick_index(now_wall, interval, phase)
+        pool, target = self._pool, self.target
+        if due_now < due_before:
+            again = min(due_before, upcoming) - due_now
+            if again > 0:
+                pool.stats.tick_conflicts += again
+                target.skipped_ticks += again
+        if not scheduled:
+            return
+        if due_now > upcoming:
+            pool.stats.skipped_ticks += due_now - upcoming
+            target.skipped_ticks += due_now - upcoming
+            upcoming = due_now
+        self._schedule(upcoming)
 
     def stop(self) -> asyncio.Future[None]:
         """Stop polling; the future resolves when no poll is in flight."""
@@ -124,10 +168,13 @@ class DeviceLoop:
         pool.wheel.add(index * self._interval + self._phase - pool.wall_offset, self)
 
     def _deadline(self) -> float:
-        """When the current poll must end, in loop time: recomputed rather than
-        kept (a float and a slot, 32 B a device, for 60 ns a poll)."""
-        return self._index * self._interval + self._phase - self._pool.wall_offset + \
-            self._timeout
+        """When the current poll must end, a monotonic instant: recomputed
+        rather than kept (a float and a slot, 32 B a device, for 60 ns a poll);
+        never more than a timeout away, should the wall clock have stepped
+        back since the poll began."""
+        pool = self._pool
+        return min(self._index * self._interval + self._phase - pool.wall_offset,
+                   pool.loop_time()) + self._timeout
 
     def fire(self) -> None:
         """A tick is due (called by the wheel)."""
@@ -207,11 +254,19 @@ class DeviceLoop:
         if isinstance(step, HttpRequest):
             self._send(step, self._deadline())  # a follow-up shares the poll's deadline
             return
+        self._keep(step, None)
+
+    def _keep(self, step: Sample, totals_failure: str | None) -> None:
+        """Store the poll's reading, its fields bounded (drivers/bounds.py);
+        ``totals_failure``: why its totals follow-up failed, if it did."""
         pool = self._pool
         target = self.target
         received = pool.loop_time() + pool.wall_offset
         # schedule.tick_time and Reading(...), inlined: this runs per poll.
         tick_at = round((self._index * self._interval + self._phase) * 1e6) / 1e6
+        flawed = pool.bounds.check(step, tick_at)
+        if flawed is not None:
+            step = flawed.sample
         reading = _new_tuple(Reading, (target.record.id, tick_at, step.device_at, received,
                                        step.demand_w, step.delivered_wh, step.received_wh,
                                        step.price, target.record.cloud_id))
@@ -225,15 +280,49 @@ class DeviceLoop:
         target.last_poll_at = received
         if target.state is not DeviceState.OK:
             self._transition(DeviceState.OK, "ok", None)
-        elif target.last_outcome is not None and target.consecutive_failures:
+        elif target.last_error is not None or target.consecutive_failures:
+            # The last poll kept a flawed reading (see _note_flaws), or failed.
+            target.last_outcome, target.last_error = "ok", None
             target.consecutive_failures = 0
+        if flawed is not None or totals_failure is not None:
+            self._note_flaws(flawed, totals_failure)
         if not target.dirty:  # pool.mark_dirty, inlined
             target.dirty = True
             pool.dirty.append(target)
         self._end_poll(received, 0.0)
 
+    def _note_flaws(self, flawed: Flawed | None, totals_failure: str | None) -> None:
+        """Count what a kept reading lacks, beside its OK, and say it in the
+        device's last outcome and error until its next clean poll."""
+        target = self.target
+        counts = self._counts
+        notes: list[str] = []
+        if totals_failure is not None:
+            target.count_failure(_I_TOTALS_FAILED)
+            counts[_I_TOTALS_FAILED] += 1
+            notes.append("totals: " + totals_failure)
+        outcome = Outcome.TOTALS_FAILED.value
+        if flawed is not None:
+            for reason in flawed.outcomes:
+                index = OUTCOME_INDEX[reason]
+                target.count_failure(index)
+                counts[index] += 1
+            if totals_failure is None:
+                outcome = flawed.outcomes[0].value
+            notes.append(flawed.message)
+        target.last_outcome = outcome
+        target.last_error = "; ".join(notes)[:_MAX_ERROR_LEN]
+
     def _on_transport_error(self, exc: BaseException) -> None:
         if isinstance(exc, TransportQueueTimeout):
+            partial = self._session.partial()
+            if partial is not None:
+                # The totals follow-up waited too long for a connection: our
+                # overload, so the demand is kept and the lost totals counted
+                # fleet-wide only; like a skipped tick, it blames no device.
+                self._counts[_I_TOTALS_FAILED] += 1
+                self._keep(partial, None)
+                return
             # Nothing reached the device: we are overloaded. Skip the tick
             # (counted) instead of blaming the device and backing it off.
             pool = self._pool
@@ -251,6 +340,10 @@ class DeviceLoop:
             self._finish_failure(_I_CONNECT, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_LEN])
 
     def _finish_failure(self, index: int, message: str) -> None:
+        partial = self._session.partial()
+        if partial is not None:  # only the totals follow-up failed: keep the demand
+            self._keep(partial, message)
+            return
         pool = self._pool
         target = self.target
         target.count_failure(index)
@@ -288,6 +381,7 @@ class DeviceLoop:
         counts = self._pool.state_counts
         counts[previous] -= 1
         counts[state] += 1
+        self._pool.index.moved(target.record.id, previous, state)
         if state is DeviceState.OK:
             target.consecutive_failures = 0
         target.state_changed = True

@@ -5,6 +5,16 @@ starts, stops or restarts the difference (a restart when a device's
 registration changed, e.g. new credentials after ``auth_failed``). The pool
 also owns what all loops share: the timing wheel, the transports, the global
 cap on polls in flight and the fleet statistics.
+
+Time: ticks are wall-clock instants (``schedule``), timers and deadlines are
+monotonic instants, both read from the one injected :class:`~poller.clock.Clock`.
+The pool converts with ``wall_offset = wall - monotonic``, taken at start and
+checked every second: when the wall clock steps (the two disagree by more than
+``CLOCK_STEP_S`` with the offset last taken), the pool takes the new offset and
+puts every loop back at its next tick by the new wall time. A tick index is
+never used twice by a device, so a backward step produces no reading whose
+``(device_id, tick_at)`` is already stored: the ticks it would repeat are not
+polled, and counted (``tick_conflicts``).
 """
 
 from __future__ import annotations
@@ -13,15 +23,17 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from poller.clock import Clock, LoopClock, TimerHandle
 from poller.config import PollingSettings
 from poller.drivers import get_driver
 from poller.drivers.base import DeviceSpec, Driver
+from poller.drivers.bounds import SampleBounds
 from poller.polling import schedule
+from poller.polling.index import TargetIndex
 from poller.polling.loop import CallbackTransport, DeviceLoop
 from poller.polling.stats import OUTCOMES, FleetStats
 from poller.polling.target import DeviceState, Target
@@ -31,6 +43,9 @@ from poller.registry import DeviceRecord
 
 log = logging.getLogger("poller.polling")
 _LOG_BUDGET = 20
+CLOCK_STEP_S = 1.0
+"""Wall and monotonic time drifting apart by more than this is a step."""
+_CLOCK_CHECK_S = 1.0
 
 
 class ReadingSink(Protocol):
@@ -61,7 +76,7 @@ class DevicePool:
         transports: Mapping[str, CallbackTransport],
         *,
         seed: str,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
         wheel_resolution_s: float = 0.02,
     ) -> None:
         self.settings = settings
@@ -69,7 +84,7 @@ class DevicePool:
         self.sink_accept = sink.accept
         self._transports = transports
         self._seed = seed
-        self._wall_clock = wall_clock
+        self.clock = clock if clock is not None else LoopClock()
         self._wheel_resolution_s = wheel_resolution_s
         self._drivers: dict[str, Driver] = {}
         self.loops: dict[int, DeviceLoop] = {}
@@ -84,18 +99,25 @@ class DevicePool:
         self.backoff_max_s = settings.backoff_max_s
         self.auth_failed_interval_s = settings.auth_failed_interval_s
         self.timeout_s = settings.timeout_s
+        self.bounds = SampleBounds.from_settings(settings)
         self.outcome_names = tuple(o.value for o in OUTCOMES)
         self.dirty: list[Target] = []
         self.waiting_loops: collections.deque[DeviceLoop] = collections.deque()
         self._stopping: set[asyncio.Future[None]] = set()
         self.state_counts: collections.Counter[DeviceState] = collections.Counter()
+        self.index = TargetIndex()
+        """Targets by cloud id and by state: what the API looks up, never a walk."""
         self._log_window_at = 0.0
         self._log_count = 0
         self._log_suppressed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.wheel: TimingWheel
         self.wall_offset = 0.0
-        self.loop_time: Callable[[], float] = time.monotonic
+        """``clock.wall() - clock.monotonic()`` as last anchored: the tick at
+        wall time ``w`` fires at monotonic ``w - wall_offset``."""
+        self.loop_time: Callable[[], float] = self.clock.monotonic
+        """The clock's monotonic reader, bound once (read per poll)."""
+        self._clock_check: TimerHandle | None = None
 
     def apply_settings(self, settings: PollingSettings) -> None:
         """New timeout, back-off, cadence and cap; running loops use them from
@@ -106,6 +128,7 @@ class DevicePool:
         self.backoff_max_s = settings.backoff_max_s
         self.auth_failed_interval_s = settings.auth_failed_interval_s
         self.timeout_s = settings.timeout_s
+        self.bounds = SampleBounds.from_settings(settings)
         self.slot_freed()
 
     def log_transition(self, cloud_id: str, previous: str, state: str, outcome: str,
@@ -164,12 +187,36 @@ class DevicePool:
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        # Monotonic, not loop.time(): see the wheel's docstring.
-        self.loop_time = time.monotonic
-        self.wall_offset = self._wall_clock() - time.monotonic()
-        self.wheel = TimingWheel(loop, self._wheel_resolution_s)
+        self._loop = asyncio.get_running_loop()
+        clock = self.clock
+        self.wall_offset = clock.wall() - clock.monotonic()
+        self.wheel = TimingWheel(clock, self._wheel_resolution_s)
+        self._clock_check = clock.call_later(_CLOCK_CHECK_S, self._check_clock)
+
+    def _check_clock(self) -> None:
+        clock = self.clock
+        offset = clock.wall() - clock.monotonic()
+        if abs(offset - self.wall_offset) > CLOCK_STEP_S:
+            self._reanchor(offset)
+        self._clock_check = clock.call_later(_CLOCK_CHECK_S, self._check_clock)
+
+    def _reanchor(self, offset: float) -> None:
+        """The wall clock stepped: take the new offset and put every loop
+        back at its next tick by the new wall time (a walk over the fleet,
+        once per step)."""
+        step_s = offset - self.wall_offset
+        self.wall_offset = offset
+        stats = self.stats
+        stats.clock_steps += 1
+        conflicts, skipped = stats.tick_conflicts, stats.skipped_ticks
+        now_wall = self.wall_now()
+        scheduled = set(self.wheel.drain())
+        for device_loop in self.loops.values():
+            device_loop.reanchor(now_wall, step_s, device_loop in scheduled)
+        log.warning("wall clock stepped %+.3f s; polling re-anchored to the new time: "
+                    "%d tick(s) jumped over, %d not polled again because their "
+                    "readings exist already", step_s, stats.skipped_ticks - skipped,
+                    stats.tick_conflicts - conflicts)
 
     def sync(self, wanted: Mapping[int, tuple[DeviceRecord, DeviceSpec]]) -> SyncResult:
         """Make the running loops match ``wanted`` (device id -> record, spec)."""
@@ -190,6 +237,7 @@ class DevicePool:
             gone = self.rejected.pop(device_id, None)
             if gone is not None:
                 self.state_counts[gone.state] -= 1
+                self.index.remove(gone)
             if current is None:
                 return ""
             self._stop_loop(device_id)
@@ -205,12 +253,14 @@ class DevicePool:
         elif previous is not None:
             del self.rejected[device_id]
             self.state_counts[previous.state] -= 1
+            self.index.remove(previous)
         made = self._make_loop(target, spec)
         if made is None:
             return "rejected"
         self.loops[device_id] = made
         self._polls_per_s += 1.0 / record.interval_s
         self.state_counts[target.state] += 1
+        self.index.add(target)
         made.start()
         return "restarted" if current is not None else "started"
 
@@ -226,6 +276,7 @@ class DevicePool:
             target.last_error = str(exc)[:200]
             self.rejected[record.id] = target
             self.state_counts[target.state] += 1
+            self.index.add(target)
             self.mark_dirty(target)
             log.warning("device %s not polled: %s", record.cloud_id, target.last_error)
             return None
@@ -244,6 +295,7 @@ class DevicePool:
         self._polls_per_s = self._polls_per_s - 1.0 / device_loop.target.record.interval_s \
             if self.loops else 0.0
         self.state_counts[device_loop.target.state] -= 1
+        self.index.remove(device_loop.target)
         waiter = device_loop.stop()
         self.mark_dirty(device_loop.target)
         self._stopping.add(waiter)
@@ -261,12 +313,24 @@ class DevicePool:
         if pending:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+        if self._clock_check is not None:
+            self._clock_check.cancel()
+            self._clock_check = None
         if self._loop is not None:
             self.wheel.close()
         return self.in_flight
 
     def targets(self) -> list[Target]:
         return [lp.target for lp in self.loops.values()] + list(self.rejected.values())
+
+    def target(self, device_id: int) -> Target | None:
+        """The target of a device in the pool (polled, or refused by its driver)."""
+        device_loop = self.loops.get(device_id)
+        return device_loop.target if device_loop is not None else self.rejected.get(device_id)
+
+    def target_by_cloud_id(self, cloud_id: str) -> Target | None:
+        device_id = self.index.device_id(cloud_id)
+        return None if device_id is None else self.target(device_id)
 
     def expected_polls_per_s(self) -> float:
         return self._polls_per_s

@@ -94,7 +94,8 @@ class LogHistogram:
 class FleetStats:
     """Totals across all devices; per-device counts live on each Target."""
 
-    __slots__ = ("backpressure_skips", "by_driver", "lateness", "polls_started", "skipped_ticks")
+    __slots__ = ("backpressure_skips", "by_driver", "clock_steps", "lateness", "polls_started",
+                 "skipped_ticks", "tick_conflicts")
 
     def __init__(self) -> None:
         self.by_driver: dict[str, list[int]] = {}
@@ -102,6 +103,11 @@ class FleetStats:
         self.polls_started = 0
         self.skipped_ticks = 0
         self.backpressure_skips = 0
+        self.clock_steps = 0
+        """Wall-clock steps the pool re-anchored the schedule after."""
+        self.tick_conflicts = 0
+        """Ticks not polled after a backward wall-clock step because a reading
+        of the same device and tick exists already (or the tick was passed)."""
 
     def driver_outcomes(self, driver: str) -> list[int]:
         """The counter list loops of ``driver`` count into (index: OUTCOMES)."""

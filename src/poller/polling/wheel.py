@@ -1,23 +1,23 @@
-"""A timing wheel: one loop timer for every due tick, not one per device.
+"""A timing wheel: one timer for every due tick, not one per device.
 
-Per-device ``asyncio.sleep`` or ``call_at`` costs more than the HTTP exchange
-at 100k devices (see NOTES-performance). The wheel rounds each due time *up*
-to a slot of ``resolution_s`` (ticks are never early), keeps one list per slot
-and arms a single timer for the earliest slot.
+A timer per device (``asyncio.sleep`` or ``call_at``) costs more than the
+HTTP exchange at 100k devices (see ``make bench``). The wheel rounds each due
+instant *up* to a slot of ``resolution_s`` (nothing fires early), keeps one
+list per slot and arms a single clock timer for the earliest slot.
 
-Times are ``time.monotonic()`` seconds. uvloop's ``loop.time()`` is libuv's
-cached, coarse clock and can lag the real monotonic clock by milliseconds;
-arming a loop timer for a monotonic instant therefore never fires early, and
-the slots due are judged by the real clock.
+Instants are the clock's monotonic seconds (:mod:`poller.clock`). When the
+timer fires, the slots due are judged by ``clock.monotonic()`` itself: a loop
+timer that fires a little early (uvloop counts whole milliseconds) fires
+nothing and is armed again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import math
-import time
 from typing import Protocol
+
+from poller.clock import Clock, TimerHandle
 
 
 class Due(Protocol):
@@ -25,23 +25,24 @@ class Due(Protocol):
 
 
 class TimingWheel:
-    __slots__ = ("_heap", "_loop", "_res", "_slots", "_timer", "_timer_slot")
+    __slots__ = ("_call_at", "_heap", "_now", "_res", "_slots", "_timer", "_timer_slot")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, resolution_s: float = 0.005) -> None:
+    def __init__(self, clock: Clock, resolution_s: float = 0.005) -> None:
         if resolution_s <= 0:
             raise ValueError("resolution_s must be positive")
-        self._loop = loop
+        self._call_at = clock.call_at
+        self._now = clock.monotonic
         self._res = resolution_s
         self._slots: dict[int, list[Due]] = {}
         self._heap: list[int] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: TimerHandle | None = None
         self._timer_slot = -1
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._slots.values())
 
     def add(self, when: float, item: Due) -> None:
-        """Call ``item.fire()`` at loop time ``when`` (or within one slot after)."""
+        """Call ``item.fire()`` at monotonic instant ``when`` (or within one slot after)."""
         slot = math.ceil(when / self._res)
         bucket = self._slots.get(slot)
         if bucket is not None:
@@ -56,17 +57,25 @@ class TimingWheel:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_slot = slot
-        self._timer = self._loop.call_at(slot * self._res, self._run)
+        self._timer = self._call_at(slot * self._res, self._run)
 
     def _run(self) -> None:
         self._timer = None
-        now_slot = math.floor(time.monotonic() / self._res)
+        # The slot's instant as armed, compared as armed: exact on any clock.
+        now, res = self._now(), self._res
         heap, slots = self._heap, self._slots
-        while heap and heap[0] <= now_slot:
+        while heap and heap[0] * res <= now:
             for item in slots.pop(heapq.heappop(heap)):
                 item.fire()
         if heap:
             self._arm(heap[0])
+
+    def drain(self) -> list[Due]:
+        """Take every item out, earliest first, and disarm: the caller puts
+        them back at new instants (the pool does, after a wall-clock step)."""
+        items = [item for slot in sorted(self._slots) for item in self._slots[slot]]
+        self.close()
+        return items
 
     def close(self) -> None:
         if self._timer is not None:
