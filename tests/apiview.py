@@ -66,6 +66,9 @@ class FakeFleetView:
     redis_client: aioredis.Redis | None
     snapshot: FleetSnapshot = field(default_factory=fixed_snapshot)
     statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """In-memory status by cloud id, as the pool would give it."""
+    status_ids: dict[str, int] = field(default_factory=dict)
+    """Device id of each cloud id in ``statuses``."""
     responsive: bool = True
     broken: bool = False
     """fleet() raises: for the last-resort error path."""
@@ -95,13 +98,23 @@ class FakeFleetView:
     def device_status(self, cloud_id: str) -> dict[str, Any] | None:
         return self.statuses.get(cloud_id)
 
+    def has_status(self, device_id: int) -> bool:
+        return device_id in self.status_ids.values()
+
+    def device_ids_in_state(self, state: str, after_id: int, limit: int) -> list[int]:
+        return sorted(self.status_ids[cid] for cid, status in self.statuses.items()
+                      if status.get("state") == state and self.status_ids[cid] > after_id
+                      )[:limit]
+
     def loop_responsive(self) -> bool:
         return self.responsive
 
 
 def settings_with(admin: str = "", read: str = "") -> Settings:
+    # Test devices live on loopback, allowed here by configuration.
     return load(config_path=None, env={},
-                overrides={"api.admin_token": admin, "api.read_token": read})
+                overrides={"api.admin_token": admin, "api.read_token": read,
+                           "polling.allowed_networks": "127.0.0.0/8,::1/128"})
 
 
 async def migrated_pool(database_url: str) -> asyncpg.Pool:
@@ -175,6 +188,8 @@ class ApiServer:
             sent["Authorization"] = f"Bearer {token}"
         if json is not None:
             body = orjson.dumps(json)
+        if body is not None:
+            # What every API client sends with a body; a test of the 415 names its own.
             sent.setdefault("Content-Type", "application/json")
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:

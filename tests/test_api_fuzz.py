@@ -200,7 +200,8 @@ def server(stack: RunningStack) -> Iterator[ApiServer]:  # noqa: F811
                             ("http-json", "fuzz-" + uuid.uuid4().hex[:6])):
             reply = srv.request("POST", f"/api/user/{cid}", token=ADMIN_TOKEN, json={
                 "email": "a@b.example", "driver": driver, "password": "pw",
-                "url": "http://127.0.0.1:9/" if driver == "http-json" else None})
+                "url": "http://127.0.0.1:9/" if driver == "http-json" else None,
+                **({"fields": {"demand_w": "/w"}} if driver == "http-json" else {})})
             assert reply.status == 201, reply.body
             KNOWN_IDS.append(cid)
         yield srv

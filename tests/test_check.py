@@ -158,3 +158,29 @@ def test_url_and_token_from_configuration() -> None:
     assert token_from({}, settings) == "r" * 16
     assert token_from({"POLLER_API_TOKEN": "e" * 16}, settings) == "e" * 16
     assert token_from({}, None) is None
+
+
+def test_never_the_admin_token() -> None:
+    admin_only = load(config_path=None, env={}, overrides={"api.admin_token": "a" * 16})
+    assert token_from({}, admin_only) is None
+
+
+async def test_redirects_are_not_followed_and_get_no_token(fleet_server: FleetServer) -> None:
+    async def elsewhere(request: web.Request) -> web.Response:
+        raise web.HTTPFound(fleet_server.url + "/api/fleet")
+
+    app = web.Application()
+    app.router.add_get("/api/fleet", elsewhere)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        code, line = await asyncio.to_thread(run_check, url, TOKEN, Thresholds(), 5.0)
+    finally:
+        await runner.cleanup()
+    assert code == UNKNOWN, line
+    assert "HTTP 302" in line and "redirect, not followed" in line
+    # The server the redirect named was never asked, so never saw the token.
+    assert fleet_server.seen_tokens == []

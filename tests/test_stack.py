@@ -19,6 +19,7 @@ from botocore.config import Config
 
 from poller.stack import EmbeddedStack, StackInfo, StackStartError, pg_bin_dir
 from poller.stack.postgres import psql
+from poller.stack.process import server_env, spawn_detached, terminate
 from tests.stackfix import RunningStack, fresh_database_url, fresh_db, stack
 
 __all__ = ["fresh_db", "stack"]  # fixtures imported for pytest
@@ -219,18 +220,65 @@ def test_second_stack_beside_first_outlives_its_cli_and_stops_cleanly(
     stack: RunningStack, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "second"
-    # `up` from a separate process that exits, as the CLI does.
+    # `up` from a separate process that exits, as the CLI does, with the
+    # secrets `serve` would hold in its environment.
     code = (
         f"from pathlib import Path; from poller.stack import EmbeddedStack; "
         f"EmbeddedStack(Path({str(state_dir)!r})).up()"
     )
-    cli = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    cli = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True,
+                         text=True, env={**os.environ, **SECRETS})
     second = EmbeddedStack(state_dir)
     try:
         assert cli.returncode == 0, cli.stderr
+        # Valkey writes its process title over the memory /proc shows as its
+        # environment; spawn_detached, which starts it, is checked on its own below.
+        for name, pid in pids_of(second).items():
+            if name != "valkey":
+                assert_scrubbed(name, pid)
         check_second_stack(stack, second, state_dir)
     finally:
         second.down()
+
+
+SECRETS = {
+    "POLLER_SECRET_KEY": "sealing-key-" + uuid.uuid4().hex,
+    "POLLER_API_ADMIN_TOKEN": "admin-token-" + uuid.uuid4().hex,
+    "POLLER_S3_SECRET_ACCESS_KEY": "s3-secret-" + uuid.uuid4().hex,
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-" + uuid.uuid4().hex,
+    "POLLER_DEVICE_PASSWORD": "device-pw-" + uuid.uuid4().hex,
+}
+
+
+def assert_scrubbed(name: str, pid: int) -> None:
+    """The server's own environment holds no POLLER_ variable and no secret."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    names = {entry.partition(b"=")[0].decode() for entry in environ if entry}
+    assert "PATH" in names, (name, names)
+    assert not {n for n in names if n.startswith("POLLER_") or n.startswith("AWS_")}, \
+        (name, names)
+    blob = b"\0".join(environ)
+    for value in SECRETS.values():
+        assert value.encode() not in blob, name
+
+
+def test_detached_servers_start_without_our_secrets(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    pid, ticks = spawn_detached(["sleep", "60"], log_path=tmp_path / "log", cwd=tmp_path)
+    try:
+        assert_scrubbed("sleep", pid)
+    finally:
+        terminate(pid, ticks, grace_s=5.0, name="sleep")
+
+
+def test_server_env_keeps_only_locale_and_paths() -> None:
+    env = server_env({**SECRETS, "PATH": "/usr/bin", "LC_ALL": "C.UTF-8", "HOME": "/root",
+                      "XDG_RUNTIME_DIR": "/run/user/0", "PGPASSWORD": "x", "OTHER": "y"})
+    assert env == {"PATH": "/usr/bin", "LC_ALL": "C.UTF-8", "HOME": "/root",
+                   "XDG_RUNTIME_DIR": "/run/user/0"}
+    assert server_env({})["PATH"]
 
 
 def check_second_stack(stack: RunningStack, second: EmbeddedStack, state_dir: Path) -> None:

@@ -17,7 +17,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from email.message import Message
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from poller.config import Settings
@@ -83,13 +84,26 @@ def default_url(settings: Settings) -> str:
 
 
 def token_from(env: Mapping[str, str], settings: Settings | None) -> str | None:
-    """``$POLLER_API_TOKEN``, else the configured read token, else the admin token."""
+    """``$POLLER_API_TOKEN``, else the configured read token; never the admin
+    token: a monitoring probe (and wherever its URL points) gets no write power."""
     token = env.get(TOKEN_ENV)
     if token:
         return token
     if settings is not None:
-        return settings.api.read_token or settings.api.admin_token or None
+        return settings.api.read_token or None
     return None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would resend the Authorization header to
+    wherever a Location points, another host included."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
+                         msg: str, headers: Message, newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _fetch(url: str, token: str | None, timeout_s: float) -> dict[str, Any]:
@@ -100,11 +114,14 @@ def _fetch(url: str, token: str | None, timeout_s: float) -> dict[str, Any]:
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        with _OPENER.open(request, timeout=timeout_s) as resp:
             raw = resp.read()
     except urllib.error.HTTPError as exc:
-        hint = " (token missing or wrong? set $POLLER_API_TOKEN)" if exc.code in (401, 403) \
-            else ""
+        hint = ""
+        if exc.code in (401, 403):
+            hint = " (token missing or wrong? set $POLLER_API_TOKEN or api.read_token)"
+        elif 300 <= exc.code < 400:
+            hint = " (a redirect, not followed: give the instance's own URL)"
         raise _Unknown(f"{target} answered HTTP {exc.code}{hint}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)

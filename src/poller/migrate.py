@@ -47,6 +47,11 @@ def schema_dir() -> Path:
 
 def discover(directory: Path | None = None) -> list[Migration]:
     directory = directory or schema_dir()
+    if not directory.is_dir():
+        # The wheel carries the SQL as package data (pyproject's package-data).
+        raise MigrationError(f"{directory}: no schema directory; this install lacks "
+                             "poller/schema/*.sql (reinstall poller, or set "
+                             "POLLER_SCHEMA_DIR to a directory of NNN_name.sql files)")
     found: list[Migration] = []
     for path in sorted(directory.glob("*.sql")):
         match = _NAME_RE.match(path.name)

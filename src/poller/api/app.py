@@ -6,15 +6,20 @@ the port actually bound (0 picks a free one); ``stop_api`` is idempotent.
 
 from __future__ import annotations
 
-import ipaddress
-
 from aiohttp import web
 
 from poller.api import metrics, openapi, routes_devices, routes_event, routes_fleet, routes_health
-from poller.api.auth import Access, make_auth_middleware, requires
+from poller.api.auth import (
+    Access,
+    is_loopback,
+    make_auth_middleware,
+    make_origin_middleware,
+    requires,
+)
 from poller.api.errors import error_middleware, json_response
 from poller.api.keys import VIEW
 from poller.api.view import ServiceView
+from poller.config import ApiSettings
 from poller.errors import ConfigError
 
 MAX_BODY_BYTES = 64 * 1024
@@ -27,13 +32,24 @@ async def get_openapi(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI_DOC])
 
 
-def make_app(view: ServiceView) -> web.Application:
-    """The application, without binding anything (tests use it directly)."""
+def make_app(view: ServiceView, bound_host: str | None = None) -> web.Application:
+    """The application, without binding anything (tests use it directly).
+
+    ``bound_host``: the address the API listens on, which writes (and reads of
+    an open API) must name in their Host header; default ``api.host``."""
+    def api() -> ApiSettings:
+        return view.settings.api
+
+    host = api().host if bound_host is None else bound_host
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(lambda: view.settings.api)],
+        # Origin before auth: a request a browser was led to send is refused
+        # before it can learn anything, even whether a token is needed.
+        middlewares=[error_middleware, make_origin_middleware(api, host),
+                     make_auth_middleware(api)],
         client_max_size=MAX_BODY_BYTES,
     )
     app[VIEW] = view
+    app[routes_devices.LISTING_COST] = routes_devices.ListingCost()
     app[OPENAPI_DOC] = openapi.document()
     app[routes_health.METRICS_REGISTRY] = metrics.make_registry(view)
     for module in (routes_event, routes_devices, routes_fleet, routes_health):
@@ -42,13 +58,16 @@ def make_app(view: ServiceView) -> web.Application:
     return app
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def check_exposure(api: ApiSettings, host: str) -> None:
+    """Refuse (ConfigError) an API on a non-loopback ``host`` with no token:
+    an open API lets anyone who reaches it register devices. The configuration
+    refuses such a file or environment; this holds at bind time and on a
+    reload (SIGHUP), which changes the tokens at once but the address only at
+    a restart: a new file naming loopback and no token must not open the
+    public address still bound."""
+    if not (api.admin_token or api.read_token) and not is_loopback(host):
+        raise ConfigError("api.host", "with no api.admin_token or api.read_token the API "
+                          f"binds only to loopback (127.0.0.1, ::1), got {host!r}")
 
 
 async def start_api(view: ServiceView, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -56,11 +75,8 @@ async def start_api(view: ServiceView, host: str, port: int) -> tuple[web.AppRun
 
     Refuses a non-loopback ``host`` when no token is configured: an open API
     lets anyone register devices."""
-    api = view.settings.api
-    if not (api.admin_token or api.read_token) and not is_loopback(host):
-        raise ConfigError("api.host", "with no api.admin_token or api.read_token the API "
-                          f"binds only to loopback (127.0.0.1, ::1), got {host!r}")
-    runner = web.AppRunner(make_app(view), access_log=None,
+    check_exposure(view.settings.api, host)
+    runner = web.AppRunner(make_app(view, host), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

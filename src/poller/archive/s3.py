@@ -286,7 +286,10 @@ class ArchiveStore:
         client = self._c()
         with self._mapped("GetObject", key):
             answer = await client.get_object(Bucket=self._bucket, Key=key)
-            async with answer["Body"] as body:
+            body = answer["Body"]
+            # Read from the body itself: before aiobotocore 3.8, `async with`
+            # yields the raw aiohttp response, whose read() takes no size.
+            async with body:
                 while True:
                     chunk: bytes = await body.read(chunk_bytes)
                     if not chunk:

