@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from poller import config, keys, sealing
 from poller.archive.s3 import ArchiveStore
 from poller.config import Settings
+from poller.netpolicy import NetPolicy
 from poller.registry import Registry
 from poller.service import Service
 from poller.simulator.fleet import credentials_for
@@ -107,6 +108,7 @@ async def run(stack: RunningStack, tmp_path: Path) -> AsyncIterator[Run]:
         "POLLER_INGEST_FLUSH_INTERVAL_S": "0.2",
         "POLLER_INGEST_SHUTDOWN_GRACE_S": "15",
         "POLLER_POLLING_RESYNC_INTERVAL_S": "5",
+        "POLLER_POLLING_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",  # the simulator's
     }
     settings = config.load(config_path=None, env=env)
     sim = Simulator(SimulatorConfig(devices=DEVICES, seed=5, record_served=True))
@@ -122,7 +124,7 @@ async def run(stack: RunningStack, tmp_path: Path) -> AsyncIterator[Run]:
         for cid in sim.cloud_ids():
             email, password = credentials_for(cid, 5)
             entries.append((cid, email, "eagle-cloud", base, INTERVAL_S, password))
-        await Registry(conn, box).upsert_many(entries)
+        await Registry(conn, box, NetPolicy.from_settings(settings.polling)).upsert_many(entries)
     finally:
         await conn.close()
     try:
@@ -173,7 +175,7 @@ async def test_clean_run_everything_everywhere(run: Run) -> None:
     assert doc["total_events_logged"] == per_device
     assert doc["state"] == "stopped"
     assert doc["first_timestamp"] <= doc["last_timestamp"]
-    assert service.fleet().rows_committed == sum(served.values())
+    assert service.view.fleet().rows_committed == sum(served.values())
 
 
 async def test_postgres_outage_loses_nothing(run: Run) -> None:
@@ -182,8 +184,8 @@ async def test_postgres_outage_loses_nothing(run: Run) -> None:
         await asyncio.to_thread(run.stack.stack.stop_component, "postgres")
         try:
             await asyncio.sleep(2.0)
-            assert not service.fleet().postgres_up
-            assert service.fleet().polls_by_outcome["ok"] > 0  # polling goes on
+            assert not service.view.fleet().postgres_up
+            assert service.view.fleet().polls_by_outcome["ok"] > 0  # polling goes on
         finally:
             await asyncio.to_thread(run.stack.stack.start_component, "postgres")
 
@@ -215,11 +217,11 @@ async def test_valkey_outage_state_rebuilt(run: Run) -> None:
         await asyncio.to_thread(run.stack.stack.stop_component, "valkey")
         try:
             await asyncio.sleep(2.0)
-            assert not service.fleet().redis_up
+            assert not service.view.fleet().redis_up
         finally:
             await asyncio.to_thread(run.stack.stack.start_component, "valkey")
         await asyncio.sleep(1.5)
-        assert service.fleet().redis_up
+        assert service.view.fleet().redis_up
 
     await _serve_for(run, 1.0, outage)
     await _assert_complete(run)
@@ -333,7 +335,8 @@ async def test_registry_changes_reach_a_running_serve_within_2_s(run: Run) -> No
     try:
         assert service.engine is not None
         pool = service.engine.pool
-        reg = Registry(conn, sealing.SecretBox(sealing.load_key(run.settings.state_dir)))
+        reg = Registry(conn, sealing.SecretBox(sealing.load_key(run.settings.state_dir)),
+                       NetPolicy.from_settings(run.settings.polling))
         assert len(pool.loops) == DEVICES
         # add: a device the simulator knows but the registry did not
         await reg.remove("f00003")

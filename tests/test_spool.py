@@ -86,7 +86,8 @@ async def test_append_splits_by_hour_and_files_are_plain_gzip(tmp_path: Path) ->
     assert p2.segment == positions[1].segment and p2.start_offset == positions[1].end_offset
     names = sorted(os.listdir(tmp_path))
     assert names == ["inst-1.a-20251123T07-000001.ndjson.gz.open",
-                     "inst-1.a-20251123T08-000002.ndjson.gz.open", "inst-1.a.lock", "seq"]
+                     "inst-1.a-20251123T08-000002.ndjson.gz.open", "inst-1.a.lock",
+                     "inst-1.a.seq"]
     # Each member is a complete gzip member: the whole file reads with gzip.open and zcat.
     path = tmp_path / names[1]
     with gzip.open(path, "rb") as fh:
@@ -157,11 +158,20 @@ async def test_seq_survives_reopen_and_deletion(tmp_path: Path) -> None:
     assert parse_segment_name(c.segment)[2] == 3  # type: ignore[index]
     await spool.close()
     # A lost state file: the files present still win.
-    (tmp_path / "seq").unlink()
+    (tmp_path / "inst-1.a.seq").unlink()
     spool = await opened(tmp_path, clock)
     (d,) = await spool.append(make_rows(1, H0 + 3, first_id=4))
     assert parse_segment_name(d.segment)[2] == 4  # type: ignore[index]
     await spool.close()
+    # The state file all instances shared before each had its own is still
+    # read (after an upgrade numbers never go back), and never written.
+    (tmp_path / "seq").write_text("40\n")
+    spool = await opened(tmp_path, clock)
+    (e,) = await spool.append(make_rows(1, H0 + 4, first_id=5))
+    assert parse_segment_name(e.segment)[2] == 40  # type: ignore[index]
+    await spool.close()
+    assert (tmp_path / "seq").read_text() == "40\n"
+    assert (tmp_path / "inst-1.a.seq").read_text() == "41\n"
 
 
 async def test_open_closes_stale_open_files_and_keeps_current_ones(tmp_path: Path) -> None:

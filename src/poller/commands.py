@@ -20,12 +20,7 @@ def progress(line: str) -> None:
 # -- stack, config, keys ------------------------------------------------------
 
 def stack(settings: Settings, args: argparse.Namespace) -> int:
-    from poller.stack import EmbeddedStack
-
-    st = EmbeddedStack(settings.state_dir, database_url=settings.database.url or None,
-                       redis_url=settings.redis.url or None,
-                       s3_endpoint_url=settings.s3.endpoint_url or None,
-                       bucket=settings.s3.bucket, progress=progress)
+    st = endpoints.embedded_stack(settings, progress)
     if args.action == "up":
         info = st.up()
         print(f"database  {info.database_url}\nredis     {info.redis_url}\n"
@@ -81,18 +76,28 @@ def _with_db(settings: Settings, body: Callable[[Any], Awaitable[int]]) -> int:
 
 def migrate(settings: Settings, args: argparse.Namespace) -> int:
     async def body(conn: Any) -> int:
+        from poller.registry import Registry
+
         # _with_db has migrated already; report what is there.
         rows = await conn.fetch("SELECT name FROM schema_migrations ORDER BY version")
         print(f"schema up to date: {len(rows)} migration(s), last {rows[-1]['name']}")
+        if await Registry.legacy_secrets(conn):
+            # Secrets sealed before the URL was bound: bind each to its
+            # device's driver and URL as registered now.
+            done, left = await (await _registry(conn, settings)).reseal_legacy()
+            print(f"sealed {done} device secret(s) again, bound to driver and URL"
+                  + (f"; {left} do not open with this key and were left" if left else ""))
         return 0
 
     return _with_db(settings, body)
 
 
-def _registry(conn: Any, settings: Settings) -> Any:
-    from poller.registry import Registry
+async def _registry(conn: Any, settings: Settings) -> Any:
+    from poller.netpolicy import NetPolicy
+    from poller.registry import Registry, registry_key
 
-    return Registry(conn, sealing.SecretBox(sealing.load_key(settings.state_dir)))
+    return Registry(conn, sealing.SecretBox(await registry_key(conn, settings.state_dir)),
+                    NetPolicy.from_settings(settings.polling))
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -108,19 +113,29 @@ def _fields(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def add_user(settings: Settings, args: argparse.Namespace) -> int:
-    from poller.registry import check_cloud_id, check_driver, check_email, check_url
+    from poller.netpolicy import NetPolicy
+    from poller.registry import (
+        check_cloud_id,
+        check_driver,
+        check_email,
+        check_options,
+        check_url,
+        check_url_policy,
+    )
 
-    # Validate everything before asking for a password or touching a server.
+    # Validate everything before asking for a password or touching a server
+    # (what the URL's name resolves to is checked on registering).
     driver = check_driver(args.driver)
     check_cloud_id(args.cloud_id, driver)
     check_email(args.email or "", driver)
-    check_url(args.url, driver)
+    check_url_policy(check_url(args.url, driver), NetPolicy.from_settings(settings.polling))
     options = _fields(args) or {}
+    check_options(driver, args.cloud_id, args.email or "", args.url, options, None)
     secret = read_password(args, confirm=True)
     interval = args.interval if args.interval is not None else settings.polling.interval_s
 
     async def body(conn: Any) -> int:
-        rec = await _registry(conn, settings).add(
+        rec = await (await _registry(conn, settings)).add(
             args.cloud_id, email=args.email or "", driver=driver, url=args.url,
             interval_s=interval, options=options, secret=secret)
         print(f"registered {rec.cloud_id} (id {rec.id}, {rec.driver}, every {rec.interval_s:g} s)")
@@ -135,7 +150,7 @@ def update_user(settings: Settings, args: argparse.Namespace) -> int:
         secret = read_password(args, confirm=True)
 
     async def body(conn: Any) -> int:
-        rec = await _registry(conn, settings).update(
+        rec = await (await _registry(conn, settings)).update(
             args.cloud_id, email=args.email, driver=args.driver, url=args.url,
             clear_url=args.clear_url, interval_s=args.interval, enabled=args.enabled,
             options=_fields(args), secret=secret)
@@ -182,10 +197,10 @@ class _NoBox(sealing.SecretBox):
     def __init__(self) -> None:
         super().__init__(bytes(32))
 
-    def seal(self, plaintext: str, *, context: str) -> bytes:
+    def seal(self, plaintext: str, *, cloud_id: str, driver: str, url: str | None) -> bytes:
         raise AssertionError("this command does not seal secrets")
 
-    def open(self, sealed: bytes, *, context: str) -> str:
+    def open(self, sealed: bytes, *, cloud_id: str, driver: str, url: str | None) -> str:
         raise AssertionError("this command does not open secrets")
 
 
@@ -233,12 +248,11 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
         try:
             if db_url is not None:
                 from poller import db, migrate
-                from poller.registry import Registry
 
                 conn = await db.connect(db_url)
                 try:
                     await migrate.migrate(conn)
-                    reg = Registry(conn, sealing.SecretBox(sealing.load_key(settings.state_dir)))
+                    reg = await _registry(conn, settings)
                     interval = args.interval or settings.polling.interval_s
                     entries = []
                     for cid in sim.cloud_ids():
@@ -317,8 +331,13 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT. The first signal stops gracefully (bounded by
     ingest.shutdown_grace_s inside the service); a second one exits at once.
-    SIGHUP re-reads the configuration file: log level now; a changed interval
-    or token takes effect at the next restart (said in the log)."""
+    SIGHUP re-reads the configuration: tokens, log settings, poll timeout,
+    back-off, flush size and age apply at once; server URLs, the API address,
+    the instance id and the shard need a restart (the log names them).
+
+    A background task that cannot go on (another process took this instance
+    id, say) stops the service like a signal, and serve exits non-zero with
+    its message, so that systemd starts it again."""
     import asyncio
     import logging
     import os
@@ -349,19 +368,19 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
             notifier.reloading()
             try:
                 fresh = settings_from(args)
+                later = service.reload(fresh)
             except PollerError as exc:
                 log.error("SIGHUP: configuration refused, keeping the running one: %s", exc)
             else:
                 logs.setup(fresh.log.level, fresh.log.format)
-                later = service.reload(fresh)
                 log.info("SIGHUP: configuration reloaded%s",
                          f"; needs a restart to change: {', '.join(later)}" if later else "")
             notifier.ready(status_text())
 
         def status_text() -> str:
-            if service.engine is None or service.ingest is None:
+            if service.view is None:
                 return "starting"
-            f = service.fleet()
+            f = service.view.fleet()
             return (f"{f.devices} devices, {sum(f.polls_per_s.values()):.0f} polls/s, "
                     f"p99 lateness {f.lateness_p99_s * 1000:.0f} ms, "
                     f"{f.rows_committed} rows committed, ingest lag {f.ingest_lag_s:.1f} s")
@@ -369,19 +388,34 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        # A heap snapshot when started with PYTHONTRACEMALLOC (see poller.memtrace).
+        from poller import memtrace
+
+        loop.add_signal_handler(signal.SIGUSR2, memtrace.on_signal, settings.state_dir)
         watchdog: asyncio.Task[None] | None = None
+        waits: list[asyncio.Task[bool]] = []
         try:
             await service.start()
+            assert service.view is not None
             notifier.ready(status_text())
             interval = watchdog_interval_s()
             if interval:
                 watchdog = asyncio.create_task(watchdog_loop(
-                    notifier, service.loop_responsive, interval, status=status_text))
-            await stopping.wait()
+                    notifier, service.view.loop_responsive, interval, status=status_text))
+            waits = [asyncio.create_task(stopping.wait()),
+                     asyncio.create_task(service.failed.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if service.failure is not None and not stopping.is_set():
+                log.error("stopping: %s", service.failure)
+                notifier.stopping()
+                stopping.set()  # a signal from here on exits at once
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            for task in (watchdog, *waits):
+                if task is not None:
+                    task.cancel()
             await service.stop()
+        if service.failure is not None:
+            raise service.failure
         return 0
 
     return run_async(main())

@@ -52,7 +52,9 @@ class ServiceCollector:
     def collect(self) -> Iterator[Metric]:
         view = self._view
         snap = view.fleet()
-        polls = CounterMetricFamily("poller_polls", "Completed polls by driver and outcome.",
+        polls = CounterMetricFamily("poller_polls", "Completed polls by driver and outcome; a "
+                                    "reading kept with a field nulled out of bounds or without "
+                                    "its totals counts as ok and also under what it lacks.",
                                     labels=["driver", "outcome"])
         for (driver, outcome), n in sorted(snap.polls_by_driver_outcome.items()):
             polls.add_metric([driver, outcome], n)
@@ -68,6 +70,13 @@ class ServiceCollector:
         yield CounterMetricFamily("poller_backpressure_skips",
                                   "Ticks skipped because the ingest buffer was full.",
                                   value=snap.backpressure_skips)
+        yield CounterMetricFamily("poller_clock_steps",
+                                  "Wall-clock steps the polling schedule was re-anchored after.",
+                                  value=snap.clock_steps)
+        yield CounterMetricFamily("poller_tick_conflicts",
+                                  "Ticks not polled after a backward wall-clock step because "
+                                  "a reading of that device and tick exists already.",
+                                  value=snap.tick_conflicts)
         yield _gauge("poller_polls_in_flight", "Polls sent and not yet answered.",
                      snap.in_flight)
         yield _gauge("poller_devices_total", "Devices being polled.", snap.devices)
@@ -106,6 +115,12 @@ class ServiceCollector:
             up.add_metric([name], 1.0 if is_up else 0.0)
         yield up
         yield _gauge("poller_polling", "1 while polling runs.", 1.0 if snap.polling else 0.0)
+        restarts = CounterMetricFamily("poller_task_restarts",
+                                       "Background tasks restarted after a failure.",
+                                       labels=["task"])
+        for task, n in sorted(snap.task_restarts.items()):
+            restarts.add_metric([task], n)
+        yield restarts
         yield _gauge("poller_loop_responsive", "1 if the event loop answered its heartbeat.",
                      1.0 if view.loop_responsive() else 0.0)
         yield _gauge("poller_start_time_seconds", "Unix time the service started.",

@@ -41,7 +41,9 @@ _SCHEMAS: dict[str, Schema] = {
     },
     "UserRequest": {
         "type": "object", "additionalProperties": False,
-        "description": "Create (driver and password required) or update (any subset). "
+        "description": "Create (driver and password required) or update (any subset; "
+                       "a new url or driver needs the password again). `url` must reach "
+                       "an address polling.allowed_networks/denied_networks allow. "
                        "`fields` is a shorthand for `options.fields` (http-json driver).",
         "properties": {
             "email": _STR,
@@ -120,7 +122,8 @@ _SCHEMAS: dict[str, Schema] = {
                      "buffer_rows", "rows_committed", "copy_batches", "ingest_lag_s",
                      "spool_bytes", "segments_pending_upload", "upload_failures",
                      "upload_lag_s", "disk_used_fraction", "disk_warning", "postgres_up",
-                     "redis_up", "s3_up", "polling", "extra"],
+                     "redis_up", "s3_up", "polling", "clock_steps", "tick_conflicts",
+                     "task_restarts", "extra"],
         "properties": {
             "instance_id": _STR, "started_at": _NUM, "devices": _INT,
             "devices_by_state": {"type": "object", "additionalProperties": _INT},
@@ -135,7 +138,11 @@ _SCHEMAS: dict[str, Schema] = {
             "copy_batches": _INT, "ingest_lag_s": _NUM, "spool_bytes": _INT,
             "segments_pending_upload": _INT, "upload_failures": _INT, "upload_lag_s": _NUM,
             "disk_used_fraction": _NUM, "disk_warning": _BOOL, "postgres_up": _BOOL,
-            "redis_up": _BOOL, "s3_up": _BOOL, "polling": _BOOL, "extra": _ANY_OBJECT,
+            "redis_up": _BOOL, "s3_up": _BOOL, "polling": _BOOL, "clock_steps": _INT,
+            "tick_conflicts": _INT,
+            "task_restarts": {"type": "object", "description": "background task -> restarts",
+                              "additionalProperties": _INT},
+            "extra": _ANY_OBJECT,
         },
     },
     "Health": {
@@ -170,6 +177,8 @@ _ERRORS = {
     "401": {**_error("Missing or invalid bearer token."),
             "headers": {"WWW-Authenticate": {"schema": _STR}}},
     "404": _error("No such device."),
+    "421": _error("The Host header does not name this API (a write, or any request to "
+                  "an API without tokens): the DNS-rebinding guard."),
     "500": _error("Internal error (a bug; logged)."),
     "503": _error("A dependency (Postgres, Redis) is not reachable."),
 }
@@ -178,6 +187,7 @@ _WRITE_ERRORS = {
     "403": _error("The token may only read."),
     "409": _error("Conflicting concurrent registration."),
     "413": _error("Body larger than the limit."),
+    "415": _error("A write whose body is not Content-Type: application/json."),
 }
 _ID_PARAM = {"name": "cloud_id", "in": "path", "required": True,
              "description": "The device's external id (6 hex digits for EAGLE devices).",
@@ -227,7 +237,10 @@ def _paths() -> dict[str, Schema]:
                 _query("after", {"type": "integer", "minimum": 0},
                        "cursor: the `next_after` of the previous page"),
                 _query("state", {"type": "string", "enum": list(DEVICE_STATES)},
-                       "only devices in this state"),
+                       "only devices in this state; a filtered page may hold fewer than "
+                       "`limit` devices (`disabled`, `unpolled`: even none, each request "
+                       "reads a bounded stretch of the registry): go on while "
+                       "`next_after` is not null"),
             ],
             "responses": {**_ok("A page of devices.", _ref("DeviceList")), **_ERRORS}}},
         "/api/devices/{cloud_id}": {"get": {

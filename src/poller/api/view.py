@@ -1,11 +1,13 @@
 """What the HTTP API and the metrics see of the running service.
 
-The service implements :class:`ServiceView`; the API depends on nothing else
-of it, so it can be started against any running service object.
+The service's :class:`poller.fleetview.FleetView` implements
+:class:`ServiceView`; the API depends on nothing else of the service, so it
+can be started against any object that does.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,7 +57,22 @@ class FleetSnapshot:
     redis_up: bool
     s3_up: bool
     polling: bool
+    clock_steps: int = 0
+    """Wall-clock steps the polling schedule was re-anchored after."""
+    tick_conflicts: int = 0
+    """Ticks not polled after a backward step: a reading of that device and
+    tick exists already."""
+    task_restarts: dict[str, int] = field(default_factory=dict)
+    """Restarts of each background task after a failure, since start."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ConnectionSource(Protocol):
+    """Where the API gets a Postgres connection (a pool, or the service's
+    gate in front of one, which raises ``ConnectionError`` while Postgres is
+    not ready)."""
+
+    def acquire(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
 
 
 class ServiceView(Protocol):
@@ -63,8 +80,10 @@ class ServiceView(Protocol):
     box: SecretBox
 
     @property
-    def db(self) -> asyncpg.Pool:
-        """The service's Postgres pool (registry writes, readings queries)."""
+    def db(self) -> ConnectionSource:
+        """The API's own Postgres pool (registry writes, listings, readings,
+        readiness), small and with a statement timeout, so the loader never
+        waits behind a request."""
         ...
 
     @property
@@ -87,7 +106,16 @@ class ServiceView(Protocol):
         ...
 
     def device_status(self, cloud_id: str) -> dict[str, Any] | None:
-        """In-memory status of a polled device (Target.snapshot()), or None."""
+        """In-memory status of a polled device (Target.snapshot()), or None. O(1)."""
+        ...
+
+    def has_status(self, device_id: int) -> bool:
+        """The device is in the polling pool (``device_status`` is not None). O(1)."""
+        ...
+
+    def device_ids_in_state(self, state: str, after_id: int, limit: int) -> list[int]:
+        """Ids of the pool's devices in ``state`` (a DeviceState value) above
+        ``after_id``, ascending, at most ``limit``: O(log n + limit)."""
         ...
 
     def loop_responsive(self) -> bool:

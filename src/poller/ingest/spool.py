@@ -19,7 +19,9 @@ One process writes an instance's segments: :meth:`Spool.open` takes an
 exclusive ``flock`` on ``{instance}.lock`` in the directory and holds it until
 :meth:`Spool.close` (or the process's death, even by kill -9). A second
 ``poller serve`` on the same state directory and instance id is refused: two
-writers would each close, upload and delete the other's segments.
+writers would each close, upload and delete the other's segments. Instances
+with different ids may share a directory: each has its own lock, its own
+sequence file ``{instance}.seq`` and touches only segments named for it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ HOUR_S = 3600
 SUFFIX = ".ndjson.gz"
 OPEN_SUFFIX = ".open"
 SEQ_FILE = "seq"
+"""The sequence file every instance shared before each got its own
+(``{instance}.seq``); still read, so numbers never go back after an upgrade."""
 # Level 3 costs about as much CPU as level 1 here and writes smaller files.
 COMPRESS_LEVEL = 3
 _READ_CHUNK = 1 << 20
@@ -210,6 +214,9 @@ class Spool:
     >>> positions = await spool.append(batch)            # durable from here
     >>> await spool.rotate()                             # hourly housekeeping
     >>> await spool.close()
+
+    ``clock`` reads wall time (Unix seconds): the service passes its clock's
+    ``wall`` (:mod:`poller.clock`). It decides which hours are over.
     """
 
     def __init__(self, directory: Path, instance_id: str,
@@ -443,26 +450,33 @@ class Spool:
                             extra={"segment": name, "cut_bytes": size - good})
         return good
 
+    @property
+    def _seq_name(self) -> str:
+        return f"{self.instance_id}.seq"
+
     def _read_seq_file(self) -> int:
+        return max(self._read_seq(self._seq_name), self._read_seq(SEQ_FILE))
+
+    def _read_seq(self, name: str) -> int:
         try:
-            text = (self.directory / SEQ_FILE).read_text("ascii").strip()
+            text = (self.directory / name).read_text("ascii").strip()
         except FileNotFoundError:
             return 1
         try:
             return max(1, int(text))
         except ValueError:
-            log.warning("spool: ignoring a malformed %s file: %r", SEQ_FILE, text[:40])
+            log.warning("spool: ignoring a malformed %s file: %r", name, text[:40])
             return 1
 
     def _write_seq_file(self, next_seq: int) -> None:
-        tmp = self.directory / (SEQ_FILE + ".tmp")
+        tmp = self.directory / (self._seq_name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, f"{next_seq}\n".encode("ascii"))
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.directory / SEQ_FILE)
+        os.replace(tmp, self.directory / self._seq_name)
 
     def _new_segment(self, hour: int) -> _OpenSegment:
         seq = self._next_seq
@@ -566,6 +580,10 @@ class Spool:
         return closed
 
     def _delete_sync(self, segment: str) -> None:
+        parsed = parse_segment_name(segment)
+        if parsed is None or parsed[0] != self.instance_id:
+            raise SpoolError(f"spool: {segment} is not a segment of instance "
+                             f"{self.instance_id!r}; left alone")
         with self._lock:
             if any(s.name == segment for s in self._open.values()):
                 raise SpoolError(f"spool: {segment} is still open; close it before deleting")

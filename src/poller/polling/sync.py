@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 
 from poller import heap
+from poller.drivers.base import DeviceSpec
 from poller.polling.pool import DevicePool
-from poller.registry import CHANNEL, RESYNC_ALL, Registry
+from poller.registry import CHANNEL, RESYNC_ALL, DeviceRecord, Registry
 from poller.sealing import SecretBox
 from poller.tasks import cancel_and_wait
 
@@ -38,8 +40,13 @@ which the heap is frozen out of the cyclic GC."""
 
 class RegistryWatcher:
     def __init__(self, database_url: str, box: SecretBox, pool: DevicePool,
-                 resync_interval_s: float, *, shard: tuple[int, int] = (0, 1)) -> None:
+                 resync_interval_s: float, *, shard: tuple[int, int] = (0, 1),
+                 on_resync: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
+                 ) -> None:
         self._url = database_url
+        self._on_resync = on_resync
+        self._changed_since_resync = True
+        """The pool changed since ``on_resync`` last ran (or it never ran)."""
         self._shard = shard
         self._box = box
         self._pool = pool
@@ -52,10 +59,22 @@ class RegistryWatcher:
         self.connected = False
         self._stopping = False
 
-    async def start(self) -> None:
-        """Load every device once (fails loudly if Postgres is down), then watch."""
-        await self._connect()
-        await self._full_resync()
+    async def start(self, initial: Mapping[int, tuple[DeviceRecord, DeviceSpec]] | None = None,
+                    ) -> None:
+        """Load every device once (fails loudly if Postgres is down), then watch.
+
+        With ``initial`` (the registry snapshot, when Postgres is down) poll
+        those devices at once and connect in the background."""
+        if initial is None:
+            await self._connect()
+            await self._full_resync()
+        else:
+            bulk = heap.building("the device pool") if len(initial) >= _FREEZE_AFTER \
+                else contextlib.nullcontext()
+            with bulk:
+                for device_id, entry in initial.items():
+                    self._pool.update(device_id, entry)
+            self._wake.set()  # connect now, not a resync period from now
         self._task = asyncio.create_task(self._run(), name="registry-watcher")
 
     async def stop(self) -> None:
@@ -134,7 +153,8 @@ class RegistryWatcher:
         wanted_ids = [i for i, v in versions.items() if v is not None]
         specs = await registry.specs(ids=wanted_ids) if wanted_ids else {}
         for device_id in versions:
-            self._pool.update(device_id, specs.get(device_id))
+            if self._pool.update(device_id, specs.get(device_id)):
+                self._changed_since_resync = True
 
     async def _full_resync(self) -> None:
         assert self._conn is not None
@@ -143,6 +163,8 @@ class RegistryWatcher:
         running = {i: lp.target.record.updated_at for i, lp in self._pool.loops.items()}
         running.update({i: t.record.updated_at for i, t in self._pool.rejected.items()})
         changed = [i for i, v in versions.items() if running.get(i) != v]
+        if changed or running.keys() - versions.keys():
+            self._changed_since_resync = True
         for device_id in running:
             if device_id not in versions:
                 self._pool.update(device_id, None)
@@ -160,3 +182,6 @@ class RegistryWatcher:
                 for device_id in ids:
                     self._pool.update(device_id, specs.get(device_id))
         self.resyncs += 1
+        if self._on_resync is not None and self._changed_since_resync:
+            await self._on_resync(self._conn)
+            self._changed_since_resync = False
