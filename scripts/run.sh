@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 DEVICES=${POLLER_DEMO_DEVICES:-1000}
 export POLLER_STATE_DIR=${POLLER_STATE_DIR:-$PWD/var}
+# The simulated fleet answers on loopback, which device URLs may not reach by
+# default (polling.denied_networks): this demo allows it, by configuration.
+export POLLER_POLLING_ALLOWED_NETWORKS=${POLLER_POLLING_ALLOWED_NETWORKS:-127.0.0.0/8,::1/128}
 mkdir -p "$POLLER_STATE_DIR"
 
 "$BIN/poller" stack up

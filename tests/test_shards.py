@@ -13,6 +13,7 @@ from poller.bench.measure import Histogram, Scrape
 from poller.bench.serves import merge_fleets, merge_scrapes
 from poller.config import PollingSettings, load, parse_shard
 from poller.errors import ConfigError
+from poller.netpolicy import DEFAULT_DENIED_NETWORKS, LOOPBACK_NETWORKS, NetPolicy
 from poller.polling.memsink import MemorySink
 from poller.polling.pool import DevicePool
 from poller.polling.sync import RegistryWatcher
@@ -42,7 +43,9 @@ async def test_two_shards_split_the_registry_and_its_changes(fresh_db: str) -> N
     key = sealing.generate_key()
     conn = await asyncpg.connect(fresh_db)
     await migrate.migrate(conn)
-    reg = Registry(conn, sealing.SecretBox(key))
+    # Devices on loopback: allowed explicitly, as the tests' configuration does.
+    loopback = NetPolicy.from_lists(allowed=LOOPBACK_NETWORKS, denied=DEFAULT_DENIED_NETWORKS)
+    reg = Registry(conn, sealing.SecretBox(key), loopback)
     ids = []
     for i in range(10):
         rec = await reg.add(f"00aa{i:02x}", email="o@example.com", driver="eagle-cloud",

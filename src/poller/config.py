@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from poller.errors import ConfigError
+from poller.netpolicy import DEFAULT_DENIED_NETWORKS, parse_network
 
 DEFAULT_CONFIG_PATH = Path("/etc/poller/poller.toml")
 ENV_PREFIX = "POLLER_"
@@ -95,6 +96,33 @@ class PollingSettings:
                                      "are dispatched together", min=0.001, max=1.0)
     shard: str = _opt("", "k/n: poll only the devices whose id % n == k (one of n instances "
                       "sharing a registry); empty: every device", form="shard")
+    # Where device URLs may connect (poller.netpolicy): checked at
+    # registration and again on every new connection.
+    allowed_networks: tuple[str, ...] = _opt(
+        (), "CIDR networks device URLs may reach (comma-separated in the environment); "
+        "when set, only these; the most specific network of the two lists decides, so "
+        "127.0.0.0/8 here re-admits loopback", form="networks")
+    denied_networks: tuple[str, ...] = _opt(
+        DEFAULT_DENIED_NETWORKS, "CIDR networks device URLs may not reach: loopback, "
+        "link-local (cloud metadata), unspecified, multicast", form="networks")
+    # Bounds of a reading (drivers/bounds.py): a field outside them is stored
+    # as null and counted under the outcome naming why; the rest is kept.
+    # The time window's cap keeps every stored time within Postgres' range.
+    device_time_max_behind_s: float = _opt(
+        30 * 86400.0, "a device time further behind the poll is stored as null "
+        "(device_time_out_of_range); a cloud answer may echo a meter days offline, "
+        "older is a reset clock", min=60, max=100 * 365 * 86400)
+    device_time_max_ahead_s: float = _opt(
+        86400.0, "a device time further ahead of the poll is stored as null; a day "
+        "covers a clock kept in local time (UTC+14)", min=60, max=100 * 365 * 86400)
+    max_demand_w: float = _opt(
+        1_000_000.0, "|demand| above this is stored as null (value_out_of_range): ten "
+        "times a 400 A service, while a kW/W or scaling slip lands above", min=1, max=1e12)
+    max_total_wh: float = _opt(
+        1e12, "a meter total above this, or below 0, is stored as null: a 9-digit kWh "
+        "register", min=1, max=1e18)
+    max_price: float = _opt(1e6, "|price| per kWh above this is stored as null (any "
+                            "currency)", min=1e-6, max=1e15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +135,24 @@ class IngestSettings:
                                     min=1, max=100)
     shutdown_grace_s: float = _opt(20.0, "seconds to flush and upload at shutdown",
                                    min=0, max=3600)
+    # The spool's hard ceiling (ingest/spool.py). The percent is of the file
+    # system as df counts: 90 leaves a tenth of the disk to the rest of the
+    # host (the journal, and Postgres itself when it shares the state
+    # directory and must write as it comes back), and comes after the 85 %
+    # warning. No byte figure by default: the right one depends on the fleet
+    # (100k devices at 6 s write about 1 MB/s), the percent fits any disk.
+    spool_max_bytes: int = _opt(0, "hard ceiling of the spool's segment files in bytes; "
+                                "0: none (spool_max_percent alone)", min=0, max=2**62)
+    spool_max_percent: float = _opt(90.0, "the spool writes nothing that would take its "
+                                    "file system past this share in use (as df counts); 100: "
+                                    "until the disk is full", min=1, max=100)
+    # Half: Postgres outages up to half the ceiling load from local disk as
+    # always; past it S3 takes the closed segments, and the other half absorbs
+    # an S3 outage on top, or the hour still open, before ticks are skipped.
+    spool_high_water_percent: float = _opt(
+        50.0, "past this share of the ceiling, segments already verified in S3 leave the "
+        "disk before Postgres loads them (loaded from S3 later) and the open hour closes "
+        "early to follow", min=1, max=100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +162,10 @@ class ApiSettings:
     port: int = _opt(8640, "API port; 0 picks a free one", min=0, max=65535)
     admin_token: str = _opt("", "bearer token for writes", secret=True)
     read_token: str = _opt("", "bearer token for reads", secret=True)
+    pool_max: int = _opt(4, "connections of the API's own Postgres pool (the loader has "
+                         "its own)", min=1, max=100)
+    statement_timeout_s: float = _opt(5.0, "Postgres cancels an API or readiness query "
+                                      "running longer", min=0.01, max=3600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +270,34 @@ def _coerce(key: str, f: dataclasses.Field[Any], raw: Any, from_text: bool) -> A
         if not isinstance(raw, str) or not raw.strip():
             raise ConfigError(key, f"expected a path, got {raw!r}")
         return Path(raw)
+    if kind == "tuple[str, ...]":
+        return _coerce_list(key, raw, from_text)
     if not isinstance(raw, str):
         raise ConfigError(key, f"expected a string, got {raw!r}")
     return _check_string(key, raw, meta)
+
+
+def _coerce_list(key: str, raw: Any, from_text: bool) -> tuple[str, ...]:
+    """A TOML array of strings, or comma-separated text from the environment
+    or ``--set``; each a CIDR network (the only list form so far), normalised.
+
+    >>> _coerce_list("polling.allowed_networks", "127.0.0.0/8, ::1", True)
+    ('127.0.0.0/8', '::1/128')
+    """
+    if from_text and isinstance(raw, str):
+        items = [item for item in raw.split(",") if item.strip()]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = raw
+    else:
+        raise ConfigError(key, f"expected a list of CIDR networks such as "
+                          f"[\"10.0.0.0/8\", \"fd00::/8\"], got {raw!r}")
+    networks: list[str] = []
+    for item in items:
+        try:
+            networks.append(str(parse_network(item)))
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    return tuple(networks)
 
 
 def _check_string(key: str, raw: str, meta: Mapping[str, Any]) -> str:
@@ -395,7 +470,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
-    """Render :func:`as_dict` output as TOML (flat values only, as ours are)."""
+    """Render :func:`as_dict` output as TOML (flat values and lists of strings)."""
     lines: list[str] = []
     tables: list[tuple[str, Mapping[str, Any]]] = []
     for name, value in data.items():
@@ -414,5 +489,7 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'

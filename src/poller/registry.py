@@ -7,21 +7,29 @@ half-written. Records returned from here never carry a secret.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 
+from poller.drivers import get_driver
 from poller.drivers.base import DeviceSpec
+from poller.drivers.eagle_cloud import DEFAULT_CLOUD_BASE_URL
 from poller.errors import ConflictError, NotFoundError, SecretKeyError, UsageError
+from poller.netpolicy import NetPolicy, literal_address
 from poller.sealing import SecretBox
+from poller.sealing import load_key as sealing_load_key
 
 log = logging.getLogger("poller.registry")
 CHANNEL = "poller_devices"
@@ -35,6 +43,9 @@ _EMAIL_RE = re.compile(r"^[^@\s<>\"',;]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 MIN_INTERVAL_S = 0.1
 MAX_INTERVAL_S = 86400.0
+RESOLVE_TIMEOUT_S = 5.0
+"""How long registration waits for a device's host name to resolve."""
+_DEFAULT_POLICY = NetPolicy.default()
 
 _COLUMNS = ("id, cloud_id, email, driver, url, options, interval_s, enabled, "
             "created_at, updated_at")
@@ -68,7 +79,7 @@ _NO_OPTIONS: dict[str, Any] = {}
 """Shared by every record without options; records are never mutated."""
 
 
-def _record(row: asyncpg.Record) -> DeviceRecord:
+def _record(row: Mapping[str, Any]) -> DeviceRecord:
     options = row["options"]
     if isinstance(options, str):
         options = orjson.loads(options)
@@ -98,12 +109,13 @@ def check_driver(driver: str) -> str:
 
 
 def check_cloud_id(cloud_id: str, driver: str) -> str:
+    # fullmatch: with match() and "$" a trailing newline would pass.
     if driver in EAGLE_DRIVERS:
-        if not _EAGLE_ID_RE.match(cloud_id):
+        if not _EAGLE_ID_RE.fullmatch(cloud_id):
             raise UsageError(f"malformed cloud id {cloud_id!r}: a Rainforest cloud id is "
                              "6 hexadecimal digits, such as 00ce69")
         return cloud_id.lower()
-    if not _GENERIC_ID_RE.match(cloud_id):
+    if not _GENERIC_ID_RE.fullmatch(cloud_id):
         raise UsageError(f"malformed device id {cloud_id!r}: expected 1-64 of "
                          "A-Z a-z 0-9 _ . : - starting with a letter or digit")
     return _normalise_id(cloud_id)
@@ -112,7 +124,7 @@ def check_cloud_id(cloud_id: str, driver: str) -> str:
 def check_email(email: str, driver: str) -> str:
     if not email and driver not in EAGLE_DRIVERS:
         return ""
-    if len(email) > 254 or not _EMAIL_RE.match(email):
+    if len(email) > 254 or not _EMAIL_RE.fullmatch(email):
         raise UsageError(f"malformed email {email!r}: expected an address such as "
                          "name@example.com")
     return email
@@ -138,6 +150,57 @@ def check_url(url: str | None, driver: str) -> str | None:
     return url
 
 
+def check_url_policy(url: str | None, policy: NetPolicy) -> str | None:
+    """Refuse (UsageError) a URL whose host ``policy`` refuses as written: an
+    address it denies, a metadata service's name, a legacy numeric form.
+    ``url`` as :func:`check_url` returns it. Returns the host name still to
+    resolve, None if there is none."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    refusal = policy.host_refusal(host, port)
+    if refusal is not None:
+        raise UsageError(f"URL {url!r} refused: {refusal}")
+    if literal_address(host) is not None or policy.trusts(host, port):
+        return None
+    return host
+
+
+async def check_url_addresses(url: str | None, policy: NetPolicy, cloud_id: str) -> None:
+    """:func:`check_url_policy`, then every address the host name resolves to
+    now: one that the policy refuses refuses the URL.
+
+    A name that does not resolve now is accepted with a warning: registration
+    may run where the device's name is unknown (an admin host, split DNS, a
+    gateway not installed yet), and refusing it would protect nothing, since
+    a name can change what it resolves to after any check. The check that
+    holds is the transports': every connection, made to an address the policy
+    allows or not at all."""
+    host = check_url_policy(url, policy)
+    if host is None:
+        return
+    assert url is not None
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        reason = getattr(exc, "strerror", None) or "no answer in time"
+        log.warning("device %s: %s does not resolve now (%s); registered anyway, each "
+                    "connection is checked against polling.allowed_networks and "
+                    "polling.denied_networks when it is made", cloud_id, host, reason)
+        return
+    for info in infos:
+        address = str(info[4][0])
+        refusal = policy.address_refusal(ip_address(address))
+        if refusal is not None:
+            raise UsageError(f"URL {url!r} refused: {host} resolves to {address}; {refusal}")
+
+
 def check_interval(interval_s: float) -> float:
     if not (MIN_INTERVAL_S <= interval_s <= MAX_INTERVAL_S):
         raise UsageError(f"interval must be between {MIN_INTERVAL_S:g} and "
@@ -153,19 +216,55 @@ def check_secret(secret: str) -> str:
     return secret
 
 
+def check_options(driver: str, cloud_id: str, email: str, url: str | None,
+                  options: dict[str, Any], secret: str | None) -> dict[str, Any]:
+    """Refuse now what the driver would refuse when polling starts: http-json
+    fields, scales, method and body, a password an HTTP header cannot carry.
+    The driver's own ``session()`` decides, so the two never disagree.
+    ``secret`` None: the stored one, already checked when it was set."""
+    if secret is not None:
+        check_secret(secret)
+    spec = DeviceSpec(0, cloud_id, email, "x" if secret is None else secret, url, options)
+    try:
+        get_driver(driver, cloud_base_url=DEFAULT_CLOUD_BASE_URL).session(spec)
+    except (ValueError, TypeError) as exc:
+        # Driver messages name the field, never the value (it may be the secret).
+        raise UsageError(f"device {cloud_id} ({driver}): {exc}") from None
+    return options
+
+
+async def sealed_count(conn: asyncpg.Connection) -> int:
+    """Devices holding sealed credentials (removal wipes them): while any do,
+    a lost key file must not be replaced by a new key (:func:`load_key`)."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM devices WHERE sealed_secret IS NOT NULL")
+    return count
+
+
+async def registry_key(conn: asyncpg.Connection, state_dir: Path) -> bytes:
+    """The sealing key for this registry (:func:`poller.sealing.load_key`),
+    refusing to make a new one while the registry holds sealed credentials."""
+    return sealing_load_key(state_dir, sealed=await sealed_count(conn))
+
+
 # -- operations -------------------------------------------------------------
 
 class Registry:
     """Device registry operations over one connection.
 
-    >>> reg = Registry(conn, SecretBox(key))                  # doctest: +SKIP
+    >>> reg = Registry(conn, SecretBox(key), NetPolicy.from_settings(s.polling))  # doctest: +SKIP
     >>> await reg.add("00ce69", email="a@b.example", driver="eagle-cloud",
     ...               url=None, interval_s=6, options={}, secret="...")  # doctest: +SKIP
+
+    ``policy`` decides which device URLs may be registered (default: the
+    built-in one, which refuses loopback, link-local and the like).
     """
 
-    def __init__(self, conn: asyncpg.Connection, box: SecretBox) -> None:
+    def __init__(self, conn: asyncpg.Connection, box: SecretBox,
+                 policy: NetPolicy | None = None) -> None:
         self._conn = conn
         self._box = box
+        self._policy = policy if policy is not None else _DEFAULT_POLICY
 
     async def add(self, cloud_id: str, *, email: str, driver: str, url: str | None,
                   interval_s: float, options: dict[str, Any], secret: str,
@@ -175,7 +274,10 @@ class Registry:
         email = check_email(email, driver)
         url = check_url(url, driver)
         interval_s = check_interval(interval_s)
-        sealed = self._box.seal(check_secret(secret), context=cloud_id)
+        check_secret(secret)
+        check_options(driver, cloud_id, email, url, options, secret)
+        await check_url_addresses(url, self._policy, cloud_id)
+        sealed = self._box.seal(secret, cloud_id=cloud_id, driver=driver, url=url)
         async with self._conn.transaction():
             try:
                 row = await self._conn.fetchrow(
@@ -198,8 +300,8 @@ class Registry:
                      secret: str | None = None) -> DeviceRecord:
         async with self._conn.transaction():
             row = await self._conn.fetchrow(
-                f"SELECT {_COLUMNS} FROM devices WHERE cloud_id = $1 AND removed_at IS NULL "
-                "FOR UPDATE", _normalise_id(cloud_id))
+                f"SELECT {_COLUMNS}, sealed_secret FROM devices WHERE cloud_id = $1 "
+                "AND removed_at IS NULL FOR UPDATE", _normalise_id(cloud_id))
             if row is None:
                 raise NotFoundError(f"no device {cloud_id!r} is registered")
             current = _record(row)
@@ -210,15 +312,32 @@ class Registry:
                                 new_driver)
             new_interval = check_interval(interval_s) if interval_s is not None \
                 else current.interval_s
+            moved = new_url != current.url or new_driver != current.driver
+            if moved and secret is None:
+                what = "URL" if new_url != current.url else "driver"
+                raise UsageError(
+                    f"changing the {what} of {current.cloud_id} needs its password again "
+                    "(update-user --change-password or --password-stdin; \"password\" in "
+                    "the API): a stored password is never sent to a new address")
+            check_options(new_driver, current.cloud_id, new_email, new_url,
+                          current.options if options is None else options, secret)
+            if new_url != current.url:
+                await check_url_addresses(new_url, self._policy, current.cloud_id)
             sets = ["email = $2", "driver = $3", "url = $4", "interval_s = $5", "enabled = $6",
                     "options = $7::jsonb", "updated_at = now()"]
             args: list[Any] = [current.cloud_id, new_email, new_driver, new_url, new_interval,
                                current.enabled if enabled is None else enabled,
                                orjson.dumps(current.options if options is None else options)
                                .decode()]
+            sealed: bytes | None = None
             if secret is not None:
+                sealed = self._box.seal(check_secret(secret), cloud_id=current.cloud_id,
+                                        driver=new_driver, url=new_url)
+            elif row["sealed_secret"] is not None and self._box.is_legacy(row["sealed_secret"]):
+                sealed = self._reseal(row)
+            if sealed is not None:
                 sets.append("sealed_secret = $8")
-                args.append(self._box.seal(check_secret(secret), context=current.cloud_id))
+                args.append(sealed)
             row = await self._conn.fetchrow(
                 f"UPDATE devices SET {', '.join(sets)} WHERE cloud_id = $1 "
                 f"AND removed_at IS NULL RETURNING {_COLUMNS}", *args)
@@ -252,6 +371,13 @@ class Registry:
             "ORDER BY id LIMIT $2", after_id, limit)
         return [_record(r) for r in rows]
 
+    async def by_ids(self, ids: list[int]) -> list[DeviceRecord]:
+        """The registered (not removed) devices among ``ids``, by id."""
+        rows = await self._conn.fetch(
+            f"SELECT {_COLUMNS} FROM devices WHERE removed_at IS NULL "
+            "AND id = ANY($1::bigint[]) ORDER BY id", ids)
+        return [_record(r) for r in rows]
+
     async def specs(self, *, ids: list[int] | None = None,
                     cloud_ids: list[str] | None = None,
                     ) -> dict[int, tuple[DeviceRecord, DeviceSpec]]:
@@ -267,17 +393,76 @@ class Registry:
             f"SELECT {_COLUMNS}, sealed_secret FROM devices "
             f"WHERE removed_at IS NULL AND enabled{where} ORDER BY id", *args)
         out = {}
+        legacy: list[tuple[int, bytes, bytes]] = []
         for row in rows:
-            rec = _record(row)
-            try:
-                secret = self._box.open(row["sealed_secret"], context=rec.cloud_id)
-            except SecretKeyError as exc:
-                # One unreadable secret must not stop the rest of the fleet.
-                log.error("device %s skipped: %s", rec.cloud_id, exc)
-                continue
-            out[rec.id] = (rec, DeviceSpec(rec.id, rec.cloud_id, rec.email, secret, rec.url,
-                                           rec.options))
+            opened = open_row(row, self._box)
+            if opened is not None:
+                rec, spec = opened
+                out[rec.id] = opened
+                if self._box.is_legacy(row["sealed_secret"]):
+                    legacy.append((rec.id, self._box.seal(spec.secret, cloud_id=rec.cloud_id,
+                                                          driver=rec.driver, url=rec.url),
+                                   row["sealed_secret"]))
+        if legacy:
+            await self._store_resealed(legacy)
         return out
+
+    @staticmethod
+    async def legacy_secrets(conn: asyncpg.Connection) -> int:
+        """How many registered devices hold a secret in format 1 (no key needed)."""
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM devices WHERE removed_at IS NULL "
+            "AND sealed_secret IS NOT NULL AND get_byte(sealed_secret, 0) = 1")
+        return count
+
+    async def reseal_legacy(self) -> tuple[int, int]:
+        """Seal every format-1 secret (bound to the device's id only) again in
+        format 2, bound to its driver and URL as registered now: ``(sealed
+        again, left as they are because they do not open with this key)``.
+
+        ``poller migrate`` runs it; ``serve`` does the same for each device it
+        loads (:meth:`specs`) and an update for the device it changes."""
+        rows = await self._conn.fetch(
+            f"SELECT {_COLUMNS}, sealed_secret FROM devices WHERE removed_at IS NULL "
+            "AND sealed_secret IS NOT NULL AND get_byte(sealed_secret, 0) = 1")
+        done = [(row["id"], sealed, row["sealed_secret"])
+                for row in rows if (sealed := self._reseal(row)) is not None]
+        if done:
+            await self._store_resealed(done)
+        return len(done), len(rows) - len(done)
+
+    def _reseal(self, row: Mapping[str, Any]) -> bytes | None:
+        """A format-1 secret of ``row`` in format 2; None if it does not open."""
+        try:
+            secret = self._box.open(row["sealed_secret"], cloud_id=row["cloud_id"],
+                                    driver=row["driver"], url=row["url"])
+        except SecretKeyError as exc:
+            log.warning("device %s: its secret is left in format 1: %s", row["cloud_id"], exc)
+            return None
+        return self._box.seal(secret, cloud_id=row["cloud_id"], driver=row["driver"],
+                              url=row["url"])
+
+    async def _store_resealed(self, resealed: list[tuple[int, bytes, bytes]]) -> None:
+        # Only where the old value is still there: a concurrent update wins.
+        # updated_at stays: nothing a running serve polls with has changed.
+        try:
+            await self._conn.executemany(
+                "UPDATE devices SET sealed_secret = $2 WHERE id = $1 AND sealed_secret = $3",
+                resealed)
+        except asyncpg.PostgresError as exc:  # a read-only replica, say: polling goes on
+            log.warning("could not store %d secret(s) sealed again in format 2: %s",
+                        len(resealed), exc)
+        else:
+            log.info("sealed %d secret(s) again, bound to driver and URL", len(resealed))
+
+    async def sealed_rows(self, *, shard: tuple[int, int] = (0, 1)) -> list[asyncpg.Record]:
+        """What :meth:`specs` reads of every enabled device, secrets still
+        sealed (for the registry snapshot); ``shard`` as in :meth:`versions`."""
+        k, n = shard
+        rows: list[asyncpg.Record] = await self._conn.fetch(
+            f"SELECT {_COLUMNS}, sealed_secret FROM devices "
+            "WHERE removed_at IS NULL AND enabled AND id % $2 = $1 ORDER BY id", k, n)
+        return rows
 
     async def versions(self, cloud_ids: list[str] | None = None, *,
                        shard: tuple[int, int] = (0, 1)) -> dict[int, datetime | None]:
@@ -301,11 +486,17 @@ class Registry:
         the simulator, the bench). Each entry: (cloud_id, email, driver, url,
         interval_s, secret). One notification tells a running serve to resync."""
         rows = []
+        checked: set[str] = set()
         for cloud_id, email, driver, url, interval_s, secret in entries:
             driver = check_driver(driver)
             cloud_id = check_cloud_id(cloud_id, driver)
-            rows.append((cloud_id, check_email(email, driver), driver, check_url(url, driver),
-                         self._box.seal(check_secret(secret), context=cloud_id),
+            url = check_url(url, driver)
+            if url is not None and url not in checked:  # a fleet shares a few URLs
+                await check_url_addresses(url, self._policy, cloud_id)
+                checked.add(url)
+            rows.append((cloud_id, check_email(email, driver), driver, url,
+                         self._box.seal(check_secret(secret), cloud_id=cloud_id, driver=driver,
+                                        url=url),
                          check_interval(interval_s)))
         async with self._conn.transaction():
             await self._conn.executemany(
@@ -321,6 +512,20 @@ class Registry:
 
     async def _notify(self, cloud_id: str) -> None:
         await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, cloud_id)
+
+
+def open_row(row: Mapping[str, Any], box: SecretBox) -> tuple[DeviceRecord, DeviceSpec] | None:
+    """A registry row with its sealed secret as the poller's record and spec;
+    None (logged) when the secret does not open with this key."""
+    rec = _record(row)
+    try:
+        secret = box.open(row["sealed_secret"], cloud_id=rec.cloud_id, driver=rec.driver,
+                          url=rec.url)
+    except SecretKeyError as exc:
+        # One unreadable secret must not stop the rest of the fleet.
+        log.error("device %s skipped: %s", rec.cloud_id, exc)
+        return None
+    return rec, DeviceSpec(rec.id, rec.cloud_id, rec.email, secret, rec.url, rec.options)
 
 
 def _normalise_id(cloud_id: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeGuard, runtime_checkable
 
 
 class Outcome(enum.Enum):
@@ -109,13 +109,7 @@ class DeviceSession(Protocol):
         ...
 
     def feed(self, response: HttpResponse) -> HttpRequest | Sample:
-        """Next request of this poll, or its result. Raises PollFailure.
-
-        A session may also define ``repeat(with_totals) -> bool``: start a
-        poll whose first request equals the one the last ``begin()``
-        returned, and say so (False: call ``begin()``). The polling loop then
-        keeps only that request's wire bytes, and the session need not keep
-        the request at all."""
+        """Next request of this poll, or its result. Raises PollFailure."""
         ...
 
     def partial(self) -> Sample | None:
@@ -124,6 +118,44 @@ class DeviceSession(Protocol):
         follow-up failed, so that reading is kept. Forgets it (a second call
         gives None); the polling loop asks once per failed poll."""
         ...
+
+
+@runtime_checkable
+class RepeatingSession(DeviceSession, Protocol):
+    """A session whose polls all start with the same request.
+
+    The polling loop keeps only that request's wire bytes, so the session
+    need not keep the request at all: each poll after the first starts
+    with ``repeat()`` instead of ``begin()``."""
+
+    def repeat(self, with_totals: bool) -> bool:
+        """Start a poll whose first request equals the one the last
+        ``begin()`` returned, and say so (False: call ``begin()``)."""
+        ...
+
+
+_REPEATS: dict[type, bool] = {}
+
+
+def is_repeating(session: DeviceSession) -> TypeGuard[RepeatingSession]:
+    """Whether ``session`` is a :class:`RepeatingSession`, decided once per
+    session class: a protocol check inspects the protocol's members on every
+    call, and a pool asks it of every device it starts.
+
+    >>> from poller.drivers.eagle_cloud import EagleCloudDriver
+    >>> from poller.drivers.http_json import HttpJsonDriver
+    >>> spec = DeviceSpec(1, "00ce69", "me@example.com", "pw", "http://10.0.0.7/status",
+    ...                   {"fields": {"demand_w": "/w"}})
+    >>> is_repeating(EagleCloudDriver("https://cloud.example").session(spec))
+    True
+    >>> is_repeating(HttpJsonDriver().session(spec))
+    False
+    """
+    kind = type(session)
+    repeats = _REPEATS.get(kind)
+    if repeats is None:
+        repeats = _REPEATS[kind] = isinstance(session, RepeatingSession)
+    return repeats
 
 
 class Driver(Protocol):

@@ -145,7 +145,8 @@ class HttpConnection(asyncio.Protocol):
         self._prepared: PreparedRequest | None = None
         self._sent_headers = b""
         self.deadline = math.inf
-        """``time.monotonic()`` by which the exchange must end; inf when idle."""
+        """Monotonic instant (the owner's clock) by which the exchange must end;
+        inf when idle."""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._reset_exchange()

@@ -14,7 +14,9 @@ that grows without limit. When only the global cap blocks a host, the least
 recently used idle connection of another host is closed to make room.
 
 Each request has one deadline covering waiting, connecting (TLS included),
-sending and receiving, and it fires at most ``deadline_resolution_s`` late:
+sending and receiving: an instant on the client's clock's monotonic scale
+(:mod:`poller.clock`; the device loops compute it on the same clock). It
+fires at most ``deadline_resolution_s`` late:
 never a loop timer per request, which under overload, with thousands waiting,
 became the largest cost in the profile. A request waiting or connecting is an
 entry in a timing wheel of that resolution; a request on a connection is
@@ -37,12 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections import OrderedDict
 from functools import partial
 from typing import NamedTuple
 
+from poller.clock import Clock, LoopClock, TimerHandle
 from poller.drivers.base import HttpRequest, HttpResponse
+from poller.netpolicy import NetPolicy, allowed_addresses
 from poller.polling.wheel import TimingWheel
 from poller.transport.connection import HttpConnection, OnDone
 from poller.transport.errors import (
@@ -124,10 +127,11 @@ class FastHttpClient:
     >>> req = HttpRequest("GET", "http://127.0.0.1:8080/status", ())
     >>> response = await client.fetch(req, timeout_s=5.0)         # doctest: +SKIP
     >>> prepared = client.prepared(req)
-    >>> client.start(prepared, loop.time() + 5.0, on_done)        # doctest: +SKIP
+    >>> client.start(prepared, clock.monotonic() + 5.0, on_done)  # doctest: +SKIP
     >>> await client.close()                                      # doctest: +SKIP
 
-    Bind it to one event loop: the first request does.
+    Bind it to one event loop: the first request does. Deadlines and the
+    sweep run on ``clock`` (default: a :class:`~poller.clock.LoopClock`).
     """
 
     def __init__(
@@ -141,6 +145,8 @@ class FastHttpClient:
         ssl_context: ssl.SSLContext | None = None,
         prepared_cache_size: int = 1024,
         deadline_resolution_s: float = 0.05,
+        clock: Clock | None = None,
+        net_policy: NetPolicy | None = None,
     ) -> None:
         for name, value in (
             ("max_connections_per_host", max_connections_per_host),
@@ -157,14 +163,19 @@ class FastHttpClient:
             raise ValueError(f"deadline_resolution_s must be positive, got "
                              f"{deadline_resolution_s}")
         self._deadline_res = deadline_resolution_s
+        self._clock = clock if clock is not None else LoopClock()
+        self._now = self._clock.monotonic
         self._deadlines: TimingWheel | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper: TimerHandle | None = None
         self._per_host = max_connections_per_host
         self._max_open = max_connections
         self._max_waiters = max_waiters
         self._max_body = max_body_bytes
         self._max_head = max_head_bytes
         self._ssl = ssl_context
+        # Where connections may go (None: anywhere). Checked on each connect,
+        # never on a request over a kept-alive connection.
+        self._policy = net_policy
         self._cache_size = prepared_cache_size
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pools: dict[str, _HostPool] = {}
@@ -212,7 +223,7 @@ class FastHttpClient:
         prepared = request if isinstance(request, PreparedRequest) else self.prepared(request)
         loop = self._loop or self._bind()
         fut: asyncio.Future[HttpResponse] = loop.create_future()
-        self.start(prepared, loop.time() + timeout_s, partial(_settle, fut))
+        self.start(prepared, self._now() + timeout_s, partial(_settle, fut))
         try:
             return await fut
         finally:
@@ -240,7 +251,7 @@ class FastHttpClient:
         """Send ``prepared`` (with ``headers`` in place of its own, if given);
         call ``on_done`` with the response or the error.
 
-        ``deadline`` is in ``loop.time()`` units. ``on_done`` is called exactly
+        ``deadline`` is a monotonic instant of the client's clock. ``on_done`` is called exactly
         once, never from inside ``start()``, and must not raise. Errors are
         :class:`TransportTimeout`, :class:`TransportConnectError` (including
         :class:`TransportPoolFull`) and :class:`TransportProtocolError`.
@@ -359,7 +370,7 @@ class FastHttpClient:
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
-        self._deadlines = TimingWheel(self._loop, self._deadline_res)
+        self._deadlines = TimingWheel(self._clock, self._deadline_res)
         return self._loop
 
     def _new_pool(self, prepared: PreparedRequest) -> _HostPool:
@@ -442,7 +453,7 @@ class FastHttpClient:
         TransportQueueTimeout here: sending it now would charge the device
         with a timeout that our queue caused."""
         waiters = pool.waiters
-        soon = time.monotonic() + self._deadline_res
+        soon = self._now() + self._deadline_res
         found: _Pending | None = None
         while waiters:
             pending = waiters.popitem(last=False)[0]
@@ -516,14 +527,33 @@ class FastHttpClient:
         assert loop is not None
         target = pool.prepared
         tls = self._ssl if target.tls else None
+        policy = self._policy
         try:
-            await loop.create_connection(
-                lambda: conn,
-                target.host,
-                target.port,
-                ssl=tls,
-                server_hostname=target.host if tls is not None else None,
-            )
+            if policy is None:
+                await loop.create_connection(
+                    lambda: conn,
+                    target.host,
+                    target.port,
+                    ssl=tls,
+                    server_hostname=target.host if tls is not None else None,
+                )
+            else:
+                # Resolved here and dialled by address: what the policy
+                # judges is what is connected, whatever the name said at
+                # registration. A refusal is an OSError like any other.
+                # No exception kept in a local: it would hold this frame in a
+                # cycle through its traceback (see the cancel below).
+                addresses = await allowed_addresses(loop, policy, target.host, target.port)
+                last = len(addresses) - 1
+                for i, address in enumerate(addresses):
+                    try:
+                        await loop.create_connection(
+                            lambda: conn, address, target.port, ssl=tls,
+                            server_hostname=target.host if tls is not None else None)
+                        break
+                    except OSError:
+                        if i == last:
+                            raise
         except asyncio.CancelledError:
             # The deadline passed or close() ran; the socket may exist already.
             conn.abort()
@@ -550,17 +580,16 @@ class FastHttpClient:
         self._opened += 1
         self._conns.add(conn)
         if self._sweeper is None:
-            self._sweeper = loop.call_later(self._deadline_res, self._sweep)
+            self._sweeper = self._clock.call_later(self._deadline_res, self._sweep)
         conn.send(pending.prepared, pending.headers, pending.deadline, pending.on_done)
 
     def _sweep(self) -> None:
         """Fail the exchanges past their deadline; again while connections are open."""
-        now = time.monotonic()
+        now = self._now()
         conns = self._conns
         for conn in [c for c in conns if c.deadline <= now]:
             conn.expire()
         if conns and not self._closed:
-            assert self._loop is not None
-            self._sweeper = self._loop.call_later(self._deadline_res, self._sweep)
+            self._sweeper = self._clock.call_later(self._deadline_res, self._sweep)
         else:
             self._sweeper = None
