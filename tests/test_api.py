@@ -125,9 +125,11 @@ def test_registry_validation_is_reported(server: ApiServer) -> None:
 
 
 def test_listing_paginates_and_filters_by_state(server: ApiServer) -> None:
-    ids = [create(server, new_id())["cloud_id"] for _ in range(3)]
+    docs = [create(server, new_id()) for _ in range(3)]
+    ids = [d["cloud_id"] for d in docs]
     assert server.view is not None
     server.view.statuses[ids[1]] = {"state": "failing", "consecutive_failures": 3}
+    server.view.status_ids[ids[1]] = docs[1]["id"]
     seen: list[str] = []
     after = 0
     for _ in range(100):

@@ -105,10 +105,25 @@ def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str
 
 
 def test_bench_shards_poll_the_fleet_once_between_them(stack: RunningStack, fresh_db: str,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, capsys: Any) -> None:
     settings = _settings(stack, fresh_db)
-    assert run_bench(settings, _bench_args(tmp_path, "--shards", "2")) == 0
-    main = json.loads((tmp_path / "out" / "bench.json").read_text())["main"]
+    assert run_bench(settings, _bench_args(tmp_path, "--shards", "2", "--api-load",
+                                           "--api-rate", "0")) == 0
+    doc = json.loads((tmp_path / "out" / "bench.json").read_text())
+    main = doc["main"]
+    # --api-load: every kind of read was answered, each a list of devices or one.
+    api = {a["kind"]: a for a in main["api"]}
+    assert set(api) == {"list", "filter", "unpolled", "device"}
+    for kind in api.values():
+        assert kind["requests"] > 0 and kind["errors"] == 0, kind
+        assert 0 < kind["p50_s"] <= kind["p99_s"] <= kind["max_s"]
+    # Shard 0 polls about half the fleet: the rest is unpolled there.
+    assert 0 < api["list"]["rows_per_answer"] <= 50
+    assert api["filter"]["rows_per_answer"] == 0
+    assert 0 < api["unpolled"]["rows_per_answer"] < 50
+    assert api["device"]["rows_per_answer"] == 1
+    assert sum("API load" in t["name"] for t in doc["targets"]) == 3
+    assert "API list p50 / p99 / max" in capsys.readouterr().out
     assert main["devices"] == 50
     assert 0 < main["ticks_stored"] <= main["ticks_scheduled"] == 50 * 3
     assert main["completed_polls"] > 0 and main["rows_committed"] > 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from poller.api.auth import Access, requires
@@ -21,17 +24,41 @@ from poller.api.params import (
 )
 from poller.api.view import ServiceView
 from poller.errors import NotFoundError
+from poller.netpolicy import NetPolicy
+from poller.polling.target import DeviceState
 from poller.registry import DeviceRecord, Registry
 
 routes = web.RouteTableDef()
+
+
+@dataclass(slots=True)
+class ListingCost:
+    """What ``GET /api/devices`` did, in total. The work per request is
+    counted, not timed, so a test can hold it to the page size: a filter used
+    to walk the whole fleet for every row."""
+
+    requests: int = 0
+    rows_read: int = 0
+    """Registry rows read from Postgres."""
+
+
+LISTING_COST = web.AppKey("listing_cost", ListingCost)
 
 MAX_POINTS = 10_000
 MAX_RANGE = timedelta(days=366)
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 DEVICE_STATES = ("pending", "ok", "failing", "auth_failed", "stopped", "disabled", "unpolled")
+POOL_STATES = frozenset(s.value for s in DeviceState)
+"""States the polling pool keeps, indexed; the others only Postgres knows."""
+SCAN_ROWS = 5000
+"""Registry rows a ``disabled`` or ``unpolled`` page reads at most."""
+_YIELD_EVERY = 250
 USER_FIELDS = frozenset({"email", "driver", "url", "interval_s", "enabled", "password",
                          "fields", "options"})
 
+_SCAN_SQL = """
+SELECT id, enabled FROM devices WHERE removed_at IS NULL AND id > $1 ORDER BY id LIMIT $2
+"""
 _BUCKETS_SQL = """
 SELECT date_bin($4::interval, tick_at, $2::timestamptz) AS t,
        min(demand_w) AS min, avg(demand_w) AS avg, max(demand_w) AS max, count(*) AS n
@@ -88,7 +115,7 @@ async def put_user(request: web.Request) -> web.Response:
     cid = cloud_id(request)
     req = _user_request(await json_object(request))
     async with view.db.acquire() as conn:
-        registry = Registry(conn, view.box)
+        registry = Registry(conn, view.box, NetPolicy.from_settings(view.settings.polling))
         try:
             await registry.get(cid)
         except NotFoundError:
@@ -124,6 +151,11 @@ async def delete_user(request: web.Request) -> web.Response:
 @routes.get("/api/devices")
 @requires(Access.READ)
 async def list_devices(request: web.Request) -> web.Response:
+    """A page of devices in id order. Work per request is bounded whatever the
+    fleet: no filter and the pool's states cost O(page) (the pool indexes its
+    targets by state), ``disabled`` and ``unpolled`` (known only to Postgres)
+    read at most ``SCAN_ROWS`` rows, so their page may hold fewer than
+    ``limit`` devices, even none: go on while ``next_after`` is not null."""
     view = request.app[VIEW]
     check_query(request, frozenset({"limit", "after", "state"}))
     limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
@@ -131,26 +163,60 @@ async def list_devices(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state is not None and state not in DEVICE_STATES:
         raise bad_request(f"query parameter 'state': expected one of {', '.join(DEVICE_STATES)}")
-    found: list[dict[str, Any]] = []
-    more = False
+    cost = request.app[LISTING_COST]
+    cost.requests += 1
     async with view.db.acquire() as conn:
         registry = Registry(conn, view.box)
-        # With a state filter, keep reading pages until this one is full.
-        while True:
-            batch = await registry.listing(limit=limit + 1 if state is None else PAGE_MAX,
-                                           after_id=after)
-            for record in batch:
-                doc = device_json(view, record)
-                if state is None or doc["state"] == state:
-                    if len(found) == limit:
-                        more = True
-                        break
-                    found.append(doc)
-                after = record.id
-            if more or state is None or len(batch) < PAGE_MAX:
+        if state is None:
+            records = await registry.listing(limit=limit + 1, after_id=after)
+            cost.rows_read += len(records)
+            more = len(records) > limit
+            del records[limit:]
+            next_after = records[-1].id if more else None
+        elif state in POOL_STATES:
+            ids = view.device_ids_in_state(state, after, limit + 1)
+            more = len(ids) > limit
+            del ids[limit:]
+            records = await registry.by_ids(ids) if ids else []
+            cost.rows_read += len(records)
+            next_after = ids[-1] if more else None
+        else:
+            records, next_after = await _scan_unpolled(view, conn, registry, state, after,
+                                                       limit, cost)
+    found = []
+    for i, record in enumerate(records):
+        doc = device_json(view, record)
+        # A device may have changed state while its record was read.
+        if state is None or doc["state"] == state:
+            found.append(doc)
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)  # a page of 1000 is ~10 ms of work: let polls in
+    return json_response({"devices": found, "next_after": next_after})
+
+
+async def _scan_unpolled(view: ServiceView, conn: asyncpg.Connection, registry: Registry,
+                         state: str, after: int, limit: int, cost: ListingCost,
+                         ) -> tuple[list[DeviceRecord], int | None]:
+    """``disabled`` or ``unpolled`` devices after ``after``: registered, not in
+    the pool, and disabled or not. At most ``SCAN_ROWS`` rows read."""
+    want_enabled = state == "unpolled"
+    rows = await conn.fetch(_SCAN_SQL, after, SCAN_ROWS)
+    cost.rows_read += len(rows)
+    ids: list[int] = []
+    next_after = None
+    for row in rows:
+        device_id = row["id"]
+        if row["enabled"] is want_enabled and not view.has_status(device_id):
+            if len(ids) == limit:
+                next_after = ids[-1]
                 break
-    return json_response({"devices": found,
-                          "next_after": found[-1]["id"] if more and found else None})
+            ids.append(device_id)
+    else:
+        if len(rows) == SCAN_ROWS:  # the budget ran out: the client goes on from here
+            next_after = rows[-1]["id"]
+    records = await registry.by_ids(ids) if ids else []
+    cost.rows_read += len(records)
+    return records, next_after
 
 
 @routes.get("/api/devices/{cloud_id}")

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from poller.bench import profile as profiling
+from poller.bench.apiload import ApiLatency
 from poller.bench.profile import Profile
 from poller.bench.wrkfloor import Floor
 
@@ -23,6 +24,7 @@ HELD_LATENESS_P99_S = 0.100
 RSS_PER_DEVICE_BYTES = 2 * KIB
 COMMIT_P99_S = 2.0
 BIG_FLEET = 100_000
+API_P99_S = 0.050
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,8 @@ class FleetRun:
     archive_bytes: int
     archive_bytes_per_reading: float | None
     series: list[Sample] = field(default_factory=list)
+    api: list[ApiLatency] = field(default_factory=list)
+    """API reads during the window (``--api-load``), by kind."""
 
     @property
     def held(self) -> bool:
@@ -179,7 +183,25 @@ def evaluate(main: FleetRun, slope: RssSlope | None, floor_multiple: float | Non
                _mark(None if slope is None else slope.bytes_per_device <= RSS_PER_DEVICE_BYTES)),
         Target("poll-to-committed p99", f"<= {COMMIT_P99_S:g} s", _num(main.commit_p99_s, "s"),
                _mark(None if main.commit_p99_s is None else main.commit_p99_s <= COMMIT_P99_S)),
+        *_api_targets(main),
     ]
+
+
+def _api_targets(main: FleetRun) -> list[Target]:
+    """With ``--api-load``: polls keep their schedule while the API answers."""
+    if not main.api:
+        return []
+    where = f"({main.devices:,} devices, API load)"
+    out = [Target(f"p99 lateness {where}", f"<= {HELD_LATENESS_P99_S * 1000:g} ms",
+                  _ms(main.lateness_p99_s),
+                  _mark(None if main.lateness_p99_s is None
+                        else main.lateness_p99_s <= HELD_LATENESS_P99_S))]
+    for api in main.api:
+        if api.kind in ("list", "filter"):
+            ok = api.p99_s is not None and api.p99_s <= API_P99_S and not api.errors
+            out.append(Target(f"{api.path} p99 {where}", f"<= {API_P99_S * 1000:g} ms",
+                              _ms(api.p99_s), _mark(ok)))
+    return out
 
 
 # -- rendering -------------------------------------------------------------------
@@ -231,6 +253,11 @@ def run_table(run: FleetRun) -> str:
         ("archive bytes per reading", _num(run.archive_bytes_per_reading, "B")),
         ("held (>= 99.99%, p99 <= 100 ms)", "yes" if run.held else "no"),
     ]
+    for api in run.api:
+        rows.append((f"API {api.kind} p50 / p99 / max",
+                     f"{_ms(api.p50_s)} / {_ms(api.p99_s)} / {_ms(api.max_s)}  "
+                     f"({api.requests:,} x {api.path}, {api.errors} errors, "
+                     f"{_num(api.rows_per_answer, 'devices', 0)} an answer)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

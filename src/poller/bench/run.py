@@ -13,6 +13,7 @@ on errors and Ctrl-C too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from poller import argtypes, sealing
-from poller.bench import storage
+from poller.bench import apiload, soak, storage
 from poller.bench.children import BenchError, Child, http_json
 from poller.bench.measure import Scrape, process_cpu_s, tree_cpu_s
 from poller.bench.profile import Profile, Recorder
@@ -44,6 +45,7 @@ from poller.bench.report import (
 from poller.bench.serves import Serves, shard_dir, shard_env
 from poller.bench.wrkfloor import Floor, run_floor
 from poller.config import Settings
+from poller.netpolicy import LOOPBACK_NETWORKS
 from poller.simulator.fleet import DEFAULT_ID_OFFSET
 
 _MAX_DEVICES = 0x1000000 - DEFAULT_ID_OFFSET  # the simulator's 6-hex-digit id space
@@ -90,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "report their sum (default 1)")
     parser.add_argument("--sample-every", type=argtypes.seconds, default=1.0, metavar="SECONDS",
                         help="how often to scrape /metrics during the window (default 1)")
+    soak.add_arguments(parser)
+    apiload.add_arguments(parser)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,8 @@ class _Options:
     sample_every_s: float
     profile_path: Path | None
     shards: int
+    api_load: bool
+    api_rate_per_s: float
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -124,6 +130,8 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     # the ``finally`` that stops them, as Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        if args.soak_hours is not None:
+            return soak.run(bench, args)  # prints and writes its own report
         report = bench.run()
     finally:
         try:
@@ -152,7 +160,8 @@ def _options(args: argparse.Namespace) -> _Options:
         json_path=json_path, chart_path=args.chart or json_path.with_suffix(".png"),
         wrk=not args.no_wrk, floor_s=args.floor_duration, rss_slope=not args.no_rss_slope,
         small_devices=small, sweep=args.sweep, keep_stack=args.keep_stack, seed=args.seed,
-        sample_every_s=args.sample_every, profile_path=args.profile, shards=args.shards)
+        sample_every_s=args.sample_every, profile_path=args.profile, shards=args.shards,
+        api_load=args.api_load, api_rate_per_s=args.api_rate)
 
 
 def _progress(line: str) -> None:
@@ -218,6 +227,8 @@ class _Bench:
             "POLLER_API_HOST": "127.0.0.1", "POLLER_API_PORT": "0",
             "POLLER_API_ADMIN_TOKEN": "", "POLLER_API_READ_TOKEN": "",
             "POLLER_LOG_LEVEL": "info", "POLLER_LOG_FORMAT": "text",
+            # The simulator answers on loopback, denied to device URLs by default.
+            "POLLER_POLLING_ALLOWED_NETWORKS": ",".join(LOOPBACK_NETWORKS),
         })
         self.child_env = env
 
@@ -287,12 +298,16 @@ class _Bench:
         self.notes.append("lateness and commit quantiles interpolate inside the /metrics "
                           "buckets; 'ticks stored' counts readings in Postgres per tick "
                           "(exact), 'completed' the poller's ok counter (edge noise)")
+        self.notes.append("load average (1/5/15 min) at the end: "
+                          + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+                          + f" on {os.cpu_count()} CPUs (the machine may be shared)")
         return BenchReport(
             config={"devices": opts.devices, "interval_s": opts.interval_s,
                     "duration_s": opts.duration_s, "warmup_s": opts.warmup_s,
                     "state_dir": str(self.state_dir), "seed": opts.seed,
                     "sample_every_s": opts.sample_every_s, "cpus": os.cpu_count(),
-                    "argv": sys.argv[1:]},
+                    "api_load_per_s": opts.api_rate_per_s if opts.api_load else None,
+                    "load_average": os.getloadavg(), "argv": sys.argv[1:]},
             main=main, runs=runs, rss_slope=slope, floor=floor, cpu_floor_multiple=multiple,
             sweep=sweep, sweep_largest_held=largest,
             targets=evaluate(main, slope, multiple, largest), notes=self.notes,
@@ -357,6 +372,12 @@ class _Bench:
             # With shards, the first one stands for all: they run the same code.
             recorder = Recorder(serves.pids[0], opts.duration_s, opts.profile_path)
         start = self._snapshot(serves, sim, sim_url, reset=True)
+        load = None
+        if opts.api_load and label == "main":
+            # With shards, the first one's API: each answers the same way.
+            load = apiload.ApiLoad(serves.apis[0], devices=devices,
+                                   rate_per_s=opts.api_rate_per_s, seed=opts.seed)
+            load.start()
         series: list[Sample] = []
         rss_samples: list[int] = []
         last = start.scrape
@@ -377,6 +398,7 @@ class _Bench:
             last, last_t = scrape, now
             _status(f"{label}: {end_at - now:4.0f} s left, {sample.polls_ok_per_s:,.0f} polls/s, "
                     f"p99 lateness {_ms(sample.lateness_p99_s)}")
+        api = load.stop() if load is not None else []
         end = self._snapshot(serves, sim, sim_url, reset=False)
         _status_done()
         if recorder is not None:
@@ -394,8 +416,9 @@ class _Bench:
         for child in serves.children:
             self._stop(child)
         self._stop(sim)
-        run = _fleet_run(devices, opts.interval_s, start, end, series, rss, jitter,
-                         sim_requests, k, stored)
+        run = dataclasses.replace(
+            _fleet_run(devices, opts.interval_s, start, end, series, rss, jitter,
+                       sim_requests, k, stored), api=api)
         _progress(f"{label}: {devices:,} devices: {run.completed_polls:,} polls ok "
                   f"({_pct(run.completed_ratio)}), p99 lateness {_ms(run.lateness_p99_s)}, "
                   f"poller {_us(run.poller.us_per_unit)}/poll, "
