@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import doctest
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from poller.clock import FakeClock
 from poller.config import PollingSettings
 from poller.drivers.base import DeviceSpec
-from poller.polling import schedule
+from poller.http import HttpRequest, HttpResponse
+from poller.polling import context, schedule
 from poller.polling.adapt import FetchAdapter
 from poller.polling.memsink import MemorySink
 from poller.polling.pool import DevicePool
@@ -33,7 +36,9 @@ from poller.registry import DeviceRecord
 from poller.simulator.faults import Fault
 from poller.simulator.fleet import credentials_for
 from poller.simulator.main import Simulator, SimulatorConfig
+from poller.simulator.payloads import http_json_options, http_json_url
 from poller.transport import AiohttpClient, FastHttpClient
+from poller.transport.prepared import PreparedRequest
 
 SEED = 3
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -93,6 +98,16 @@ class Rig:
         return {i + 1: self.entry(i + 1, cid, interval_s)
                 for i, cid in enumerate(self.sim.cloud_ids()[:n])}
 
+    def json_entry(self, index: int, cloud_id: str, interval_s: float,
+                   ) -> tuple[DeviceRecord, DeviceSpec]:
+        """The simulator's device ``cloud_id`` as an http-json meter."""
+        email, secret = credentials_for(cloud_id, SEED)
+        url = http_json_url(f"http://127.0.0.1:{self.port}", cloud_id)
+        options = http_json_options()
+        rec = DeviceRecord(index, cloud_id, email, "http-json", url, options, interval_s, True,
+                           T0, T0)
+        return rec, DeviceSpec(index, cloud_id, email, secret, url, options)
+
     def by_device(self) -> dict[int, list[float]]:
         out: dict[int, list[float]] = collections.defaultdict(list)
         for r in self.sink.readings:
@@ -125,6 +140,11 @@ async def rig() -> AsyncIterator[Rig]:
         await fast.close()
         await general.close()
         await sim.stop()
+
+
+def test_context_docstring_examples() -> None:
+    result = doctest.testmod(context)
+    assert result.attempted > 0 and result.failed == 0
 
 
 async def test_polls_spread_evenly_and_on_the_phase_grid(rig: Rig) -> None:
@@ -182,26 +202,83 @@ async def test_readings_carry_values_the_simulator_served(rig: Rig) -> None:
     assert with_totals >= 20  # the first poll of each device reads the totals
 
 
-async def test_repeating_sessions_leave_the_loop_only_wire_bytes(rig: Rig) -> None:
-    """eagle-cloud sessions repeat their first request: after the first poll
-    each loop sends its kept bytes, and neither loop nor session holds a
-    request object; totals polls (every third here) still read the meter."""
-    from poller.transport.prepared import PreparedRequest
+class RecordingTransport:
+    """The fast client, with a record of what the loops ask of it."""
 
-    rig.pool.sync(rig.fleet(10, 0.5))
-    await rig.run(2.2)
-    per_device = collections.Counter(r.device_id for r in rig.sink.readings)
-    assert len(per_device) == 10 and min(per_device.values()) >= 4  # repeated polls
-    totals = collections.Counter(r.device_id for r in rig.sink.readings
-                                 if r.delivered_wh is not None)
-    assert all(totals[d] >= 2 for d in per_device)  # first and fourth poll at least
-    for lp in rig.pool.loops.values():
-        assert lp._prep_request is None
-        assert isinstance(lp._prepared, PreparedRequest)
-        assert b"get_instantaneous_demand" in lp._prepared.raw
-        # The fast transport's template is shared; a device keeps its headers.
-        assert lp._own is not None and lp.target.cloud_id.encode() in lp._own
-    assert len({id(lp._prepared) for lp in rig.pool.loops.values()}) == 1
+    def __init__(self, inner: FastHttpClient) -> None:
+        self.inner = inner
+        self.prepared_from: list[HttpRequest] = []
+        self.shared_calls = 0
+        self.sent: list[tuple[PreparedRequest, bytes | None]] = []
+
+    def prepared(self, request: HttpRequest) -> PreparedRequest:
+        self.prepared_from.append(request)
+        return self.inner.prepared(request)
+
+    def shared(self, prepared: PreparedRequest) -> tuple[PreparedRequest, bytes]:
+        self.shared_calls += 1
+        return self.inner.shared(prepared)
+
+    def start(self, prepared: PreparedRequest, deadline: float,
+              on_done: Callable[[HttpResponse | BaseException], Any],
+              headers: bytes | None = None) -> None:
+        self.sent.append((prepared, headers))
+        self.inner.start(prepared, deadline, on_done, headers)
+
+
+async def test_each_session_kind_keeps_its_first_request_as_wire_bytes(rig: Rig) -> None:
+    """eagle-cloud sessions repeat their first request: after a device's first
+    poll the loop sends the bytes it kept, a template shared by every device
+    plus the device's own headers, and nothing is prepared again but the
+    totals follow-ups. http-json sessions do not repeat: they return the same
+    request each poll, whose bytes are prepared once and sent whole."""
+    recording = RecordingTransport(rig.fast)
+    pool = DevicePool(rig.pool.settings, rig.sink, {"eagle-cloud": recording,
+                                                    "http-json": recording},
+                      seed="test", clock=rig.clock)
+    await pool.start()
+    cloud_ids = rig.sim.cloud_ids()
+    fleet = {i: rig.entry(i, cloud_ids[i], 0.5) for i in range(1, 6)}
+    fleet.update({i: rig.json_entry(i, cloud_ids[i], 0.5) for i in range(6, 11)})
+    try:
+        pool.sync(fleet)
+        await rig.run(2.2, pool)
+        # Taken while nothing is in flight (the rig settled), before the
+        # clean-up below moves the clock on.
+        readings = list(rig.sink.readings)
+        sent = list(recording.sent)
+        prepared_from = list(recording.prepared_from)
+        shared_calls = recording.shared_calls
+    finally:
+        rig.clock.advance(1.0)
+        await pool.stop(1.0)
+    polls = collections.Counter(r.device_id for r in readings)
+    assert set(polls) == set(fleet) and min(polls.values()) >= 4  # repeated polls
+    totals = collections.Counter(r.device_id for r in readings
+                                 if r.delivered_wh is not None and r.device_id <= 5)
+    assert all(totals[d] >= 2 for d in range(1, 6))  # every third poll: first, fourth
+
+    demand = [(p, h) for p, h in sent if b"get_instantaneous_demand" in p.raw]
+    assert len(demand) == sum(polls[d] for d in range(1, 6))
+    # A device's first poll sends the request as its session made it; every
+    # later one the template the whole fleet shares, with the device's own
+    # headers beside it.
+    kept = [(p, h) for p, h in demand if h is not None]
+    assert len(demand) - len(kept) == 5
+    assert len({id(p) for p, _ in kept}) == 1
+    own = {h for _, h in kept}
+    assert len(own) == 5
+    assert all(h is not None and sum(cloud_ids[d].encode() in h for d in range(1, 6)) == 1
+               for h in own)
+    assert shared_calls == 5  # once a device, at its first poll
+    cloud_prepared = [r for r in prepared_from if "post_manager" in r.url]
+    assert len(cloud_prepared) == 5 + sum(totals.values())  # first polls and follow-ups
+
+    json_sent = [(p, h) for p, h in sent if b"post_manager" not in p.raw]
+    assert len(json_sent) == sum(polls[d] for d in range(6, 11))
+    assert all(h is None for _, h in json_sent)
+    assert len({id(p) for p, _ in json_sent}) == 5  # each device's own bytes, reused
+    assert len([r for r in prepared_from if "post_manager" not in r.url]) == 5
 
 
 async def test_overrun_skips_ticks_and_never_bursts(rig: Rig) -> None:

@@ -26,31 +26,31 @@ from collections.abc import Iterator
 log = logging.getLogger("poller.heap")
 
 
-def freeze(what: str, *, collect: bool = True) -> int:
+def freeze(what: str, *, collect: bool = True, level: int = logging.INFO) -> int:
     """Freeze the heap out of the collector's reach; the count frozen.
 
     ``collect`` first runs a full collection so that no garbage is frozen
-    (a pause as long as one full collection, once); without it, garbage
-    cycles alive at this moment stay for good, which only a process that
-    makes few of them (the simulator) can afford."""
+    (a pause as long as one full collection of what is not frozen yet);
+    without it, garbage cycles alive at this moment stay for good, which
+    only a process that makes few of them (the simulator) can afford."""
     started = time.perf_counter()
     if collect:
         gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
-    log.info("froze %d objects (%s) out of the cyclic GC in %.0f ms", frozen, what,
-             (time.perf_counter() - started) * 1000)
+    log.log(level, "froze %d objects (%s) out of the cyclic GC in %.0f ms", frozen, what,
+            (time.perf_counter() - started) * 1000)
     return frozen
 
 
 @contextlib.contextmanager
-def building(what: str) -> Iterator[None]:
-    """Build a large long-lived graph with the collector off, then freeze it.
+def gc_paused() -> Iterator[None]:
+    """The cyclic collector off for a block, and back on however it ends.
 
-    While 50k devices' loops are built, full collections ran every second or
-    so, each walking everything built so far (80 ms growing to 300 ms, a
-    dozen of them at start-up, measured), while the first polls were due.
-    One collection at the end replaces them."""
+    For synchronous code only: while the collector is off it is off for
+    every task the event loop runs, so a block that awaited would leave it
+    off for as long as the await lasts, for everyone. Keep the ``with`` in a
+    plain ``def``, where no ``await`` can be written."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -58,4 +58,20 @@ def building(what: str) -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-    freeze(what)
+
+
+@contextlib.contextmanager
+def building(what: str, *, level: int = logging.INFO) -> Iterator[None]:
+    """Build a large long-lived graph with the collector off, then freeze it
+    (see :func:`gc_paused`: synchronous code only).
+
+    While 50k devices' loops are built, full collections ran every second or
+    so, each walking everything built so far (80 ms growing to 300 ms, a
+    dozen of them at start-up, measured), while the first polls were due.
+    One collection of what the block built replaces them. A build that
+    must await between parts (the pool's, fetching devices in slices) calls
+    this once per part: each part is then collected once and frozen, and no
+    collection walks it again."""
+    with gc_paused():
+        yield
+    freeze(what, level=level)

@@ -12,9 +12,10 @@ them into data (counters, state, backoff).
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeGuard, runtime_checkable
+
+from poller.http import HttpRequest, HttpResponse
 
 
 class Outcome(enum.Enum):
@@ -49,24 +50,6 @@ class PollFailure(Exception):
 
     def __repr__(self) -> str:
         return f"PollFailure({self.outcome.value}, {self.message!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """One HTTP request, complete; transports send it as it is."""
-
-    method: str
-    url: str
-    """Absolute URL: scheme, host, optional port, path and query."""
-    headers: tuple[tuple[str, str], ...]
-    body: bytes = b""
-
-
-class HttpResponse(NamedTuple):
-    status: int
-    headers: Sequence[tuple[str, str]]
-    """Header names lower-cased, in the order received."""
-    body: bytes
 
 
 class Sample(NamedTuple):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from poller.clock import Clock, LoopClock
-from poller.drivers.base import HttpRequest, HttpResponse
+from poller.http import HttpRequest, HttpResponse
 from poller.transport import Transport
 
 OnDone = Callable[[HttpResponse | BaseException], None]
@@ -28,10 +28,13 @@ class FetchAdapter:
     def prepared(self, request: HttpRequest) -> Any:
         return request
 
+    def shared(self, prepared: Any) -> tuple[Any, bytes | None]:
+        # Nothing shared between devices: a request is kept whole.
+        return prepared, None
+
     def start(self, prepared: Any, deadline: float, on_done: OnDone,
               headers: bytes | None = None) -> None:
-        # ``headers`` belongs to the fast transport's ``shared`` split, which
-        # this adapter does not offer: it is always None here. ``deadline`` is
+        # ``headers`` comes from ``shared``: always None here. ``deadline`` is
         # on the clock's monotonic scale; aiohttp takes the time left.
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._run(prepared, max(0.001, deadline - self._now()), on_done))

@@ -23,6 +23,7 @@ from poller.polling.pool import DevicePool, ReadingSink
 from poller.polling.sync import RegistryWatcher
 from poller.registry import DeviceRecord
 from poller.sealing import SecretBox
+from poller.tasks import Supervisor
 from poller.transport import AiohttpClient, FastHttpClient
 
 log = logging.getLogger("poller.polling")
@@ -31,7 +32,8 @@ log = logging.getLogger("poller.polling")
 class PollingEngine:
     def __init__(self, settings: PollingSettings, database_url: str, box: SecretBox,
                  sink: ReadingSink, *, seed: str, clock: Clock | None = None,
-                 snapshot_path: Path | None = None) -> None:
+                 snapshot_path: Path | None = None,
+                 supervisor: Supervisor | None = None) -> None:
         self.settings = settings
         clock = clock if clock is not None else LoopClock()
         per_host = settings.connections_per_host
@@ -60,7 +62,8 @@ class PollingEngine:
         self._box = box
         self.watcher = RegistryWatcher(
             database_url, box, self.pool, settings.resync_interval_s, shard=self.shard,
-            on_resync=self._write_snapshot if snapshot_path is not None else None)
+            on_resync=self._write_snapshot if snapshot_path is not None else None,
+            supervisor=supervisor)
         self._stack: contextlib.AsyncExitStack | None = None
         self._stop_timeout_s = 1.0
 

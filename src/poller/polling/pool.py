@@ -3,18 +3,21 @@
 ``sync()`` compares the registry's wanted devices with the running loops and
 starts, stops or restarts the difference (a restart when a device's
 registration changed, e.g. new credentials after ``auth_failed``). The pool
-also owns what all loops share: the timing wheel, the transports, the global
-cap on polls in flight and the fleet statistics.
+also owns what all loops share, in a :class:`~poller.polling.context.LoopContext`
+it builds and writes: the timing wheel, the global cap on polls in flight, the
+fleet statistics and the settings loops read per poll. It reads its loops
+only through their public methods (``start``, ``stop``, ``reanchor``).
 
 Time: ticks are wall-clock instants (``schedule``), timers and deadlines are
 monotonic instants, both read from the one injected :class:`~poller.clock.Clock`.
-The pool converts with ``wall_offset = wall - monotonic``, taken at start and
-checked every second: when the wall clock steps (the two disagree by more than
-``CLOCK_STEP_S`` with the offset last taken), the pool takes the new offset and
-puts every loop back at its next tick by the new wall time. A tick index is
-never used twice by a device, so a backward step produces no reading whose
-``(device_id, tick_at)`` is already stored: the ticks it would repeat are not
-polled, and counted (``tick_conflicts``).
+The pool converts with ``wall_offset = wall - monotonic`` (kept in the loops'
+context), taken at start and checked every second: when the wall clock steps
+(the two disagree by more than ``CLOCK_STEP_S`` with the offset last taken),
+the pool takes the new offset and puts every loop back at its next tick by
+the new wall time. A tick index is never used twice by a device, so a
+backward step produces no reading whose ``(device_id, tick_at)`` is already
+stored: the ticks it would repeat are not polled, and counted
+(``tick_conflicts``).
 """
 
 from __future__ import annotations
@@ -25,21 +28,18 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from poller.clock import Clock, LoopClock, TimerHandle
 from poller.config import PollingSettings
 from poller.drivers import get_driver
 from poller.drivers.base import DeviceSpec, Driver
-from poller.drivers.bounds import SampleBounds
 from poller.polling import schedule
+from poller.polling.context import DirtyQueue, LoopContext, ReadingSink
 from poller.polling.index import TargetIndex
 from poller.polling.loop import CallbackTransport, DeviceLoop
-from poller.polling.stats import OUTCOMES, FleetStats
 from poller.polling.target import DeviceState, Target
-from poller.polling.wheel import TimingWheel
-from poller.reading import Reading
 from poller.registry import DeviceRecord
+from poller.wheel import TimingWheel
 
 log = logging.getLogger("poller.polling")
 _LOG_BUDGET = 20
@@ -48,16 +48,7 @@ CLOCK_STEP_S = 1.0
 _CLOCK_CHECK_S = 1.0
 
 
-class ReadingSink(Protocol):
-    """Where finished readings go. ``accept`` is on the hot path: no I/O."""
-
-    def accept(self, reading: Reading) -> None: ...
-
-    @property
-    def accepting(self) -> bool:
-        """False while storage is full: loops skip ticks instead of polling.
-        Read before every poll: a plain attribute, not a computation."""
-        ...
+__all__ = ["CLOCK_STEP_S", "DevicePool", "ReadingSink", "SyncResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +71,14 @@ class DevicePool:
         wheel_resolution_s: float = 0.02,
     ) -> None:
         self.settings = settings
-        self.sink = sink
-        self.sink_accept = sink.accept
         self._transports = transports
         self._seed = seed
         self.clock = clock if clock is not None else LoopClock()
+        self._now: Callable[[], float] = self.clock.monotonic
+        """The clock's monotonic reader, bound once."""
+        self._ctx = LoopContext(settings, sink, self._now, self._state_changed)
+        """What the loops share; the pool writes it, the loops read it."""
+        self.stats = self._ctx.stats
         self._wheel_resolution_s = wheel_resolution_s
         self._drivers: dict[str, Driver] = {}
         self.loops: dict[int, DeviceLoop] = {}
@@ -92,17 +86,6 @@ class DevicePool:
         """Sum of 1 / interval over the loops, kept as they start and stop:
         /metrics reads it every scrape, and a walk over 100k loops costs 6 ms."""
         self.rejected: dict[int, Target] = {}
-        self.stats = FleetStats()
-        self.in_flight = 0
-        self.max_in_flight = settings.max_in_flight
-        self.totals_every = settings.totals_every
-        self.backoff_max_s = settings.backoff_max_s
-        self.auth_failed_interval_s = settings.auth_failed_interval_s
-        self.timeout_s = settings.timeout_s
-        self.bounds = SampleBounds.from_settings(settings)
-        self.outcome_names = tuple(o.value for o in OUTCOMES)
-        self.dirty: list[Target] = []
-        self.waiting_loops: collections.deque[DeviceLoop] = collections.deque()
         self._stopping: set[asyncio.Future[None]] = set()
         self.state_counts: collections.Counter[DeviceState] = collections.Counter()
         self.index = TargetIndex()
@@ -111,32 +94,20 @@ class DevicePool:
         self._log_count = 0
         self._log_suppressed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.wheel: TimingWheel
-        self.wall_offset = 0.0
-        """``clock.wall() - clock.monotonic()`` as last anchored: the tick at
-        wall time ``w`` fires at monotonic ``w - wall_offset``."""
-        self.loop_time: Callable[[], float] = self.clock.monotonic
-        """The clock's monotonic reader, bound once (read per poll)."""
         self._clock_check: TimerHandle | None = None
 
     def apply_settings(self, settings: PollingSettings) -> None:
         """New timeout, back-off, cadence and cap; running loops use them from
         their next poll."""
         self.settings = settings
-        self.max_in_flight = settings.max_in_flight
-        self.totals_every = settings.totals_every
-        self.backoff_max_s = settings.backoff_max_s
-        self.auth_failed_interval_s = settings.auth_failed_interval_s
-        self.timeout_s = settings.timeout_s
-        self.bounds = SampleBounds.from_settings(settings)
-        self.slot_freed()
+        self._ctx.apply(settings)
 
     def log_transition(self, cloud_id: str, previous: str, state: str, outcome: str,
                        message: str | None) -> None:
         """Log a device's state change, at most ``_LOG_BUDGET`` lines a second:
         when a whole fleet fails at once (its cloud is down) a line per device
         would cost more than the polls. The rest are counted and summarised."""
-        now = self.loop_time()
+        now = self._now()
         if now - self._log_window_at >= 1.0:
             if self._log_suppressed:
                 log.warning("%d more device state change(s) not logged in the last second "
@@ -151,52 +122,62 @@ class DevicePool:
         log.info("device %s: %s -> %s (%s)%s", cloud_id, previous, state, outcome,
                  f": {message}" if message else "")
 
+    def _state_changed(self, target: Target, previous: DeviceState, outcome: str,
+                       message: str | None) -> None:
+        """A loop's device went from ``previous`` to ``target.state`` (or
+        only its outcome changed): recount, refile, and say so."""
+        state = target.state
+        counts = self.state_counts
+        counts[previous] -= 1
+        counts[state] += 1
+        self.index.moved(target.record.id, previous, state)
+        # One line per state change, never one per poll; a first success is
+        # the normal start, not news.
+        if previous is not state and not (previous is DeviceState.PENDING
+                                          and state is DeviceState.OK):
+            self.log_transition(target.cloud_id, previous.value, state.value, outcome, message)
+
     def set_sink(self, sink: ReadingSink) -> None:
         """Replace the sink; only before ``start()``."""
-        self.sink = sink
-        self.sink_accept = sink.accept
+        self._ctx.set_sink(sink)
 
-    # -- what loops call --------------------------------------------------------
-
-    def wall_now(self) -> float:
-        return self.loop_time() + self.wall_offset
+    # -- what the service reads -------------------------------------------------
 
     def timeout_for(self, interval_s: float) -> float:
-        return min(self.settings.timeout_s, interval_s * 0.9)
+        """The time budget of a poll of a device polled every ``interval_s``."""
+        return self._ctx.timeout_for(interval_s)
 
-    def mark_dirty(self, target: Target) -> None:
-        if not target.dirty:
-            target.dirty = True
-            self.dirty.append(target)
+    @property
+    def dirty(self) -> DirtyQueue:
+        """Targets changed since the live-state writer last drained them."""
+        return self._ctx.dirty
 
-    def wait_for_slot(self, device_loop: DeviceLoop) -> None:
-        self.waiting_loops.append(device_loop)
-
-    def slot_freed(self) -> None:
-        """Start polls that waited for the cap; loops check ``waiting`` first."""
-        waiting = self.waiting_loops
-        while waiting and self.in_flight < self.max_in_flight:
-            nxt = waiting.popleft()
-            if not nxt._stopped and not nxt.in_flight:
-                nxt.begin()
+    @property
+    def in_flight(self) -> int:
+        return self._ctx.limiter.in_flight
 
     @property
     def waiting(self) -> int:
-        return len(self.waiting_loops)
+        """Due polls waiting for the in-flight cap."""
+        return len(self._ctx.limiter.waiting)
+
+    @property
+    def wheel(self) -> TimingWheel:
+        return self._ctx.wheel
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         clock = self.clock
-        self.wall_offset = clock.wall() - clock.monotonic()
-        self.wheel = TimingWheel(clock, self._wheel_resolution_s)
+        self._ctx.wall_offset = clock.wall() - clock.monotonic()
+        self._ctx.wheel = TimingWheel(clock, self._wheel_resolution_s)
         self._clock_check = clock.call_later(_CLOCK_CHECK_S, self._check_clock)
 
     def _check_clock(self) -> None:
         clock = self.clock
         offset = clock.wall() - clock.monotonic()
-        if abs(offset - self.wall_offset) > CLOCK_STEP_S:
+        if abs(offset - self._ctx.wall_offset) > CLOCK_STEP_S:
             self._reanchor(offset)
         self._clock_check = clock.call_later(_CLOCK_CHECK_S, self._check_clock)
 
@@ -204,13 +185,14 @@ class DevicePool:
         """The wall clock stepped: take the new offset and put every loop
         back at its next tick by the new wall time (a walk over the fleet,
         once per step)."""
-        step_s = offset - self.wall_offset
-        self.wall_offset = offset
+        ctx = self._ctx
+        step_s = offset - ctx.wall_offset
+        ctx.wall_offset = offset
         stats = self.stats
         stats.clock_steps += 1
         conflicts, skipped = stats.tick_conflicts, stats.skipped_ticks
-        now_wall = self.wall_now()
-        scheduled = set(self.wheel.drain())
+        now_wall = ctx.wall_now()
+        scheduled = set(ctx.wheel.drain())
         for device_loop in self.loops.values():
             device_loop.reanchor(now_wall, step_s, device_loop in scheduled)
         log.warning("wall clock stepped %+.3f s; polling re-anchored to the new time: "
@@ -277,11 +259,11 @@ class DevicePool:
             self.rejected[record.id] = target
             self.state_counts[target.state] += 1
             self.index.add(target)
-            self.mark_dirty(target)
+            self._ctx.dirty.mark(target)
             log.warning("device %s not polled: %s", record.cloud_id, target.last_error)
             return None
         phase = schedule.phase(record.cloud_id, self._seed, record.interval_s)
-        return DeviceLoop(self, target, session, transport, record.interval_s, phase)
+        return DeviceLoop(self._ctx, target, session, transport, record.interval_s, phase)
 
     def _driver(self, name: str) -> Driver:
         driver = self._drivers.get(name)
@@ -297,7 +279,7 @@ class DevicePool:
         self.state_counts[device_loop.target.state] -= 1
         self.index.remove(device_loop.target)
         waiter = device_loop.stop()
-        self.mark_dirty(device_loop.target)
+        self._ctx.dirty.mark(device_loop.target)
         self._stopping.add(waiter)
         waiter.add_done_callback(self._stopping.discard)
 
@@ -308,7 +290,7 @@ class DevicePool:
         answers, if they come, are dropped with the transports)."""
         for device_id in list(self.loops):
             self._stop_loop(device_id)
-        self.waiting_loops.clear()
+        self._ctx.limiter.waiting.clear()
         pending = [f for f in self._stopping if not f.done()]
         if pending:
             with contextlib.suppress(TimeoutError):
@@ -317,8 +299,8 @@ class DevicePool:
             self._clock_check.cancel()
             self._clock_check = None
         if self._loop is not None:
-            self.wheel.close()
-        return self.in_flight
+            self._ctx.wheel.close()
+        return self._ctx.limiter.in_flight
 
     def targets(self) -> list[Target]:
         return [lp.target for lp in self.loops.values()] + list(self.rejected.values())

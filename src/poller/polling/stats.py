@@ -83,13 +83,6 @@ class LogHistogram:
             out.append(sum(self.counts[: min(limit, _BUCKETS) + 1]))
         return out
 
-    def merge_from(self, other: LogHistogram) -> None:
-        for i, n in enumerate(other.counts):
-            self.counts[i] += n
-        self.count += other.count
-        self.sum += other.sum
-        self.max = max(self.max, other.max)
-
 
 class FleetStats:
     """Totals across all devices; per-device counts live on each Target."""

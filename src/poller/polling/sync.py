@@ -10,6 +10,11 @@ has.
 With ``shard`` ``(k, n)`` the watcher keeps only the devices whose id % n == k:
 n instances with shards 0/n .. n-1/n share one registry and poll every device
 exactly once between them, each on its own event loop (and its own core).
+
+The watching loop runs under a :class:`~poller.tasks.Supervisor` (the
+service's, when given): an error it does not expect (a snapshot that cannot
+be written, a bug) restarts it with back-off, counted, and a restart
+resyncs at once.
 """
 
 from __future__ import annotations
@@ -18,16 +23,17 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import asyncpg
 
 from poller import heap
+from poller.clock import Clock
 from poller.drivers.base import DeviceSpec
 from poller.polling.pool import DevicePool
 from poller.registry import CHANNEL, RESYNC_ALL, DeviceRecord, Registry
 from poller.sealing import SecretBox
-from poller.tasks import cancel_and_wait
+from poller.tasks import Supervisor
 
 log = logging.getLogger("poller.polling")
 _DEBOUNCE_S = 0.05
@@ -36,14 +42,19 @@ _SLICE = 2000
 _FREEZE_AFTER = 1000
 """Devices started by one resync (the first, or a bulk registration) after
 which the heap is frozen out of the cyclic GC."""
+Wanted = tuple[DeviceRecord, DeviceSpec]
 
 
 class RegistryWatcher:
     def __init__(self, database_url: str, box: SecretBox, pool: DevicePool,
                  resync_interval_s: float, *, shard: tuple[int, int] = (0, 1),
                  on_resync: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
-                 ) -> None:
+                 clock: Clock | None = None, supervisor: Supervisor | None = None) -> None:
         self._url = database_url
+        self._clock = clock if clock is not None else pool.clock
+        self._supervisor = supervisor if supervisor is not None else \
+            Supervisor(clock=self._clock)
+        self._runs = 0
         self._on_resync = on_resync
         self._changed_since_resync = True
         """The pool changed since ``on_resync`` last ran (or it never ran)."""
@@ -54,7 +65,6 @@ class RegistryWatcher:
         self._conn: asyncpg.Connection | None = None
         self._changed: set[str] = set()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.resyncs = 0
         self.connected = False
         self._stopping = False
@@ -69,19 +79,13 @@ class RegistryWatcher:
             await self._connect()
             await self._full_resync()
         else:
-            bulk = heap.building("the device pool") if len(initial) >= _FREEZE_AFTER \
-                else contextlib.nullcontext()
-            with bulk:
-                for device_id, entry in initial.items():
-                    self._pool.update(device_id, entry)
+            self._update(initial.items(), bulk=len(initial) >= _FREEZE_AFTER)
             self._wake.set()  # connect now, not a resync period from now
-        self._task = asyncio.create_task(self._run(), name="registry-watcher")
+        self._supervisor.spawn("registry-watcher", self._run)
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
+        await self._supervisor.stop()
         await self._disconnect()
 
     async def _connect(self) -> None:
@@ -110,12 +114,13 @@ class RegistryWatcher:
         self._wake.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_resync = loop.time() + self.resync_interval_s
+        clock = self._clock
+        self._runs += 1
+        # After a crash, whatever it left half-applied is put right at once.
+        next_resync = clock.monotonic() + (self.resync_interval_s if self._runs == 1 else 0.0)
         failures = 0
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_resync - loop.time()))
+            await clock.wait(max(0.0, next_resync - clock.monotonic()), self._wake)
             self._wake.clear()
             if self._stopping:
                 return
@@ -125,12 +130,12 @@ class RegistryWatcher:
                     await self._connect()
                     log.info("registry watcher reconnected")
                     next_resync = 0.0  # notifications may have been missed
-                if loop.time() >= next_resync or self._resync_soon():
+                if clock.monotonic() >= next_resync or self._resync_soon():
                     self._changed.clear()
                     await self._full_resync()
-                    next_resync = loop.time() + self.resync_interval_s
+                    next_resync = clock.monotonic() + self.resync_interval_s
                 elif self._changed:
-                    await asyncio.sleep(_DEBOUNCE_S)  # gather a burst of changes
+                    await clock.sleep(_DEBOUNCE_S)  # gather a burst of changes
                     changed, self._changed = list(self._changed), set()
                     await self._apply(changed)
                 failures = 0
@@ -142,8 +147,23 @@ class RegistryWatcher:
                     log.warning("registry watcher lost Postgres (%s); polling goes on with "
                                 "the devices it has", type(exc).__name__)
                 await self._disconnect()
-                await asyncio.sleep(delay)
+                await clock.sleep(delay)
                 self._wake.set()
+
+    def _update(self, entries: Iterable[tuple[int, Wanted | None]], *, bulk: bool,
+                level: int = logging.INFO) -> None:
+        """Apply wanted states to the pool.
+
+        A bulk (the start, a bulk registration) is built with the cyclic GC
+        paused and then frozen out of its reach (see poller.heap): at 100k
+        devices each full collection walked a million live objects. A plain
+        ``def`` on purpose: the pause cannot span an await, during which
+        every other task would run without the collector."""
+        update = self._pool.update
+        with heap.building("the device pool", level=level) if bulk \
+                else contextlib.nullcontext():
+            for device_id, entry in entries:
+                update(device_id, entry)
 
     async def _apply(self, cloud_ids: list[str]) -> None:
         assert self._conn is not None
@@ -168,19 +188,16 @@ class RegistryWatcher:
         for device_id in running:
             if device_id not in versions:
                 self._pool.update(device_id, None)
-        # A bulk change (the start, a bulk registration) is built with the
-        # cyclic GC off and then frozen out of its reach (see poller.heap):
-        # at 100k devices each full collection walked a million live objects.
-        bulk = heap.building("the device pool") if len(changed) >= _FREEZE_AFTER \
-            else contextlib.nullcontext()
-        with bulk:
-            # In slices: at 100k devices one query and one dict of every record
-            # and opened secret is a peak the process keeps as RSS afterwards.
-            for start in range(0, len(changed), _SLICE):
-                ids = changed[start:start + _SLICE]
-                specs = await registry.specs(ids=ids)
-                for device_id in ids:
-                    self._pool.update(device_id, specs.get(device_id))
+        bulk = len(changed) >= _FREEZE_AFTER
+        # In slices: at 100k devices one query and one dict of every record
+        # and opened secret is a peak the process keeps as RSS afterwards.
+        for start in range(0, len(changed), _SLICE):
+            ids = changed[start:start + _SLICE]
+            specs = await registry.specs(ids=ids)
+            self._update(((i, specs.get(i)) for i in ids), bulk=bulk, level=logging.DEBUG)
+        if bulk:
+            log.info("%d device(s) started or changed, frozen out of the cyclic GC "
+                     "in %d part(s)", len(changed), -(-len(changed) // _SLICE))
         self.resyncs += 1
         if self._on_resync is not None and self._changed_since_resync:
             await self._on_resync(self._conn)

@@ -1,5 +1,9 @@
 """A timing wheel: one timer for every due tick, not one per device.
 
+Two users: the device loops' ticks (:mod:`poller.polling`) and the fast HTTP
+client's deadlines of requests not yet on a connection
+(:mod:`poller.transport`); so it lives beside the clock, in neither.
+
 A timer per device (``asyncio.sleep`` or ``call_at``) costs more than the
 HTTP exchange at 100k devices (see ``make bench``). The wheel rounds each due
 instant *up* to a slot of ``resolution_s`` (nothing fires early), keeps one
