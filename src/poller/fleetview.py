@@ -16,11 +16,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from poller.api.view import ConnectionSource, FleetSnapshot
+from poller.archive.fetch import EvictedSegments
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
 from poller.config import Settings
 from poller.ingest.livestate import LiveState
 from poller.ingest.pipeline import Ingest
+from poller.ingest.spool import SpoolError, SpoolUsage
 from poller.polling.engine import PollingEngine
 from poller.polling.stats import LogHistogram
 from poller.polling.target import DeviceState
@@ -39,7 +41,7 @@ class FleetView:
                  engine: PollingEngine, ingest: Ingest, uploader: Uploader | None,
                  live: LiveState | None, supervisor: Supervisor, *, started_at: float,
                  postgres_ready: Callable[[], bool] = lambda: True,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, evicted: EvictedSegments | None = None) -> None:
         self.settings = settings
         """The running configuration; the service replaces it on SIGHUP."""
         self.box = box
@@ -50,6 +52,7 @@ class FleetView:
         self._live = live
         self._supervisor = supervisor
         self._postgres_ready = postgres_ready
+        self._evicted = evicted
         self.started_at = started_at
         self._clock = clock if clock is not None else LoopClock()
         self.polling = True
@@ -95,7 +98,12 @@ class FleetView:
         stats = pool.stats
         totals = stats.outcome_counts()
         up = self._uploader.stats() if self._uploader is not None else None
-        spool_bytes, disk_used = ingest.spool.disk_usage()
+        try:
+            usage = ingest.spool.usage()
+        except SpoolError:
+            usage = SpoolUsage(ingest.spool.pending_bytes, 0, 1.0)
+        spool_bytes, disk_used = usage.spool_bytes, usage.disk_used_fraction
+        evicted = self._evicted
         return FleetSnapshot(
             instance_id=self.settings.instance_id,
             started_at=self.started_at,
@@ -131,6 +139,14 @@ class FleetView:
             clock_steps=stats.clock_steps,
             tick_conflicts=stats.tick_conflicts,
             task_restarts=dict(self._supervisor.restarts),
+            rows_quarantined=ingest.loader.rows_quarantined,
+            spool_ceiling_bytes=usage.ceiling_bytes,
+            spool_full=ingest.spool_full,
+            spool_errors=ingest.spool.io_errors,
+            segments_evicted=up.segments_evicted if up else 0,
+            segments_awaiting_archive_load=evicted.count() if evicted is not None else 0,
+            rows_loaded_from_archive=evicted.rows_loaded if evicted is not None else 0,
+            segments_unarchived=up.segments_unarchived if up else 0,
         )
 
     def _rates(self, totals: dict[str, int]) -> dict[str, float]:

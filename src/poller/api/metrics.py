@@ -93,6 +93,10 @@ class ServiceCollector:
                          view.commit_latency(), COMMIT_BUCKETS_S)
         yield CounterMetricFamily("poller_rows_committed", "Readings committed to Postgres.",
                                   value=snap.rows_committed)
+        yield CounterMetricFamily("poller_rows_quarantined",
+                                  "Spool lines the loader could not load (the encoder or "
+                                  "Postgres refused them), put in readings_quarantine.",
+                                  value=snap.rows_quarantined)
         yield CounterMetricFamily("poller_copy_batches", "COPY batches committed.",
                                   value=snap.copy_batches)
         yield _gauge("poller_ingest_lag_seconds",
@@ -107,6 +111,29 @@ class ServiceCollector:
                      snap.upload_lag_s)
         yield _gauge("poller_disk_used_ratio", "Fraction of the spool's disk in use.",
                      snap.disk_used_fraction)
+        yield _gauge("poller_spool_ceiling_bytes", "What the spool may hold now "
+                     "(ingest.spool_max_bytes, ingest.spool_max_percent).",
+                     snap.spool_ceiling_bytes)
+        yield _gauge("poller_spool_full", "1 while the spool refuses batches for want of room "
+                     "(readings wait in memory; past buffer_max_rows ticks are skipped).",
+                     1.0 if snap.spool_full else 0.0)
+        yield CounterMetricFamily("poller_spool_errors", "Spool file operations that failed "
+                                  "(ENOSPC, EIO, EROFS, ...); the batch is kept and retried.",
+                                  value=snap.spool_errors)
+        yield CounterMetricFamily("poller_segments_evicted",
+                                  "Segments removed from the spool past its high-water mark, "
+                                  "verified in S3, before Postgres loaded them.",
+                                  value=snap.segments_evicted)
+        yield _gauge("poller_segments_awaiting_archive_load",
+                     "Evicted segments still to be loaded from S3.",
+                     snap.segments_awaiting_archive_load)
+        yield CounterMetricFamily("poller_rows_loaded_from_archive",
+                                  "Readings loaded into Postgres from S3 (evicted segments).",
+                                  value=snap.rows_loaded_from_archive)
+        yield CounterMetricFamily("poller_segments_unarchived",
+                                  "Segments deleted at the spool's ceiling while S3 failed: "
+                                  "loaded into Postgres, missing from the archive.",
+                                  value=snap.segments_unarchived)
         up = GaugeMetricFamily("poller_component_up",
                                "1 if the dependency answered its last use.",
                                labels=["component"])

@@ -64,6 +64,22 @@ class FleetSnapshot:
     tick exists already."""
     task_restarts: dict[str, int] = field(default_factory=dict)
     """Restarts of each background task after a failure, since start."""
+    rows_quarantined: int = 0
+    """Spool lines the loader put in ``readings_quarantine``, since start."""
+    spool_ceiling_bytes: int = 0
+    """What the spool may hold now (``ingest.spool_max_bytes``/``_percent``)."""
+    spool_full: bool = False
+    """The spool refused the last batch for want of room."""
+    spool_errors: int = 0
+    """Spool file operations that failed (ENOSPC, EIO, EROFS, ...), since start."""
+    segments_evicted: int = 0
+    """Segments removed from the spool, verified in S3, before Postgres loaded them."""
+    segments_awaiting_archive_load: int = 0
+    """Evicted segments Postgres has not loaded from S3 yet."""
+    rows_loaded_from_archive: int = 0
+    """Readings loaded from S3 (evicted segments), since start."""
+    segments_unarchived: int = 0
+    """Segments deleted at the ceiling with S3 failing: in Postgres, not archived."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

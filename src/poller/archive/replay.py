@@ -6,10 +6,13 @@ are COPYed into a temporary staging table, then moved with
 ``INSERT ... ON CONFLICT (device_id, tick_at) DO NOTHING``: replaying twice,
 or replaying what Postgres already has, inserts nothing.
 
-Damage is reported, never fatal to the run: a bad JSON line is skipped and
-reported with its object key and line number; bad or truncated gzip data ends
-that object (the complete lines before it are kept) and is reported the same
-way. Only an unreachable archive or database stops the replay::
+Damage is reported, never fatal to the run: a line that is not a reading
+the loader would take (bad JSON, a timestamp outside 0001..9999, ...) or that
+Postgres refuses goes to ``readings_quarantine`` as the loader puts it there
+(same key: segment and line, so nothing is quarantined twice) and is reported
+with its object key and line number; bad or truncated gzip data ends that
+object (the complete lines before it are kept) and is reported the same way.
+Only an unreachable archive or database stops the replay::
 
     result = await replay(store, "poller", pool,
                           datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 2, tzinfo=UTC))
@@ -19,8 +22,9 @@ way. Only an unreachable archive or database stops the replay::
 from __future__ import annotations
 
 import logging
+import time
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -29,18 +33,32 @@ from typing import Any, Protocol
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import orjson
 
-from poller.archive.naming import date_prefix, parse_archive_key, readings_prefix
+from poller.archive.naming import (
+    SEGMENT_SUFFIX,
+    date_prefix,
+    parse_archive_key,
+    readings_prefix,
+)
 from poller.archive.s3 import ArchiveError, ArchiveUnavailable
 from poller.db import connect
+from poller.ingest import quarantine
+from poller.ingest.pgcopy import row_problem
 from poller.reading import READING_COLUMNS, Reading
 
 log = logging.getLogger(__name__)
 
 _STAGING = "poller_replay_staging"
 _COLUMNS = ", ".join(READING_COLUMNS)
-_CREATE_STAGING = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE readings)"
+# ``line``: where each row is in its object, should Postgres refuse it.
+_CREATE_STAGING = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE readings, line bigint)"
+_STAGED_COLUMNS = (*READING_COLUMNS, "line")
 _MOVE = (f"INSERT INTO readings ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
          "ON CONFLICT (device_id, tick_at) DO NOTHING")
+_MOVE_LINES = (f"INSERT INTO readings ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
+               "WHERE line = ANY($1::bigint[]) ON CONFLICT (device_id, tick_at) DO NOTHING")
+_REFUSED_LINES = (f"SELECT line, device_id, extract(epoch FROM tick_at)::float8 AS tick, "
+                  f"(to_jsonb(s) - 'line')::text AS raw FROM {_STAGING} s "
+                  "WHERE line = ANY($1::bigint[])")
 _HOUR_S = 3600
 _DAY_S = 86400
 # Issues kept in the result; all are counted in ``errors``.
@@ -81,6 +99,8 @@ class ReplayResult:
     """Read but already in Postgres (or twice in the archive)."""
     rows_out_of_range: int
     errors: int
+    rows_quarantined: int = 0
+    """Lines newly put in ``readings_quarantine`` (each also in ``errors``)."""
     issues: tuple[ReplayIssue, ...] = field(default=())
     """The first :data:`MAX_ISSUES` problems, in the order met."""
 
@@ -124,15 +144,16 @@ async def replay(
     return ReplayResult(
         objects=len(keys), rows_read=tally.rows_read, rows_inserted=tally.inserted,
         rows_present=tally.rows_read - tally.inserted, rows_out_of_range=tally.out_of_range,
-        errors=tally.errors, issues=tuple(tally.issues))
+        errors=tally.errors, rows_quarantined=tally.quarantined, issues=tuple(tally.issues))
 
 
 class _Tally:
-    __slots__ = ("errors", "inserted", "issues", "out_of_range", "rows_read")
+    __slots__ = ("errors", "inserted", "issues", "out_of_range", "quarantined", "rows_read")
 
     def __init__(self) -> None:
         self.rows_read = 0
         self.inserted = 0
+        self.quarantined = 0
         self.out_of_range = 0
         self.errors = 0
         self.issues: list[ReplayIssue] = []
@@ -196,17 +217,61 @@ async def _replay_object(store: ArchiveReader, conn: asyncpg.Connection, key: st
         tally.problem(key, None, str(exc))
     if batch:
         await _stage(conn, batch)
-    if decoder.first_day is None or decoder.last_day is None:
-        return
-    days = (decoder.last_day - decoder.first_day).days + 1
-    await conn.execute("SELECT poller_ensure_partitions($1::date, $2)", decoder.first_day, days)
-    # One statement: the move is atomic on its own, no transaction needed.
-    status = await conn.execute(_MOVE)
-    tally.inserted += int(status.rsplit(" ", 1)[-1])
+    if decoder.first_day is not None and decoder.last_day is not None:
+        days = (decoder.last_day - decoder.first_day).days + 1
+        await conn.execute("SELECT poller_ensure_partitions($1::date, $2)",
+                           decoder.first_day, days)
+    # The move and the quarantine of this object commit together.
+    async with conn.transaction():
+        refused: list[quarantine.Quarantined] = []
+        if decoder.first_day is not None:
+            refused = await _move(conn, key, tally)
+        tally.rows_read -= len(refused)  # not readings after all, nor "present"
+        for q in refused:
+            tally.problem(key, q.line, f"{q.reason}; quarantined")
+        rows = sorted(decoder.quarantined + refused)
+        if rows:
+            instance, segment = _segment_of(key)
+            tally.quarantined += await quarantine.insert(conn, instance, segment, rows)
+
+
+async def _move(conn: asyncpg.Connection, key: str,
+                tally: _Tally) -> list[quarantine.Quarantined]:
+    """Move the staged rows into ``readings``; the rows Postgres refuses
+    (found a half at a time, see :func:`quarantine.bisect`) are returned."""
+    try:
+        async with conn.transaction():
+            status = await conn.execute(_MOVE)
+        tally.inserted += int(status.rsplit(" ", 1)[-1])
+        return []
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+        if not quarantine.is_refusal(exc):
+            raise
+        log.warning("replay: Postgres refused rows of %s (%s); sorting them out", key,
+                    quarantine.refusal_reason(exc))
+    lines = [r["line"] for r in await conn.fetch(f"SELECT line FROM {_STAGING} ORDER BY line")]
+
+    async def attempt(part: Sequence[int]) -> int:
+        status: str = await conn.execute(_MOVE_LINES, list(part))
+        return int(status.rsplit(" ", 1)[-1])
+
+    inserted, refused = await quarantine.bisect(conn, lines, attempt)
+    tally.inserted += inserted
+    reasons = dict(refused)
+    found = await conn.fetch(_REFUSED_LINES, list(reasons))
+    return [quarantine.quarantined(r["line"], r["raw"], reasons[r["line"]],
+                                   (r["device_id"], r["tick"])) for r in found]
+
+
+def _segment_of(key: str) -> tuple[str, str]:
+    """``(instance, segment file name)`` an archive key holds."""
+    seg = parse_archive_key(key)
+    hour = time.strftime("%Y%m%dT%H", time.gmtime(seg.hour_epoch))
+    return seg.instance, f"{seg.instance}-{hour}-{seg.seq:06d}{SEGMENT_SUFFIX}"
 
 
 async def _stage(conn: asyncpg.Connection, batch: list[Record]) -> None:
-    await conn.copy_records_to_table(_STAGING, records=batch, columns=READING_COLUMNS)
+    await conn.copy_records_to_table(_STAGING, records=batch, columns=_STAGED_COLUMNS)
     batch.clear()
 
 
@@ -214,7 +279,7 @@ class _ObjectDecoder:
     """Turns one object's compressed chunks into staged records, noting damage."""
 
     __slots__ = ("_in_member", "_inflate", "_key", "_line", "_rest", "_since_s", "_tally",
-                 "_until_s", "broken", "first_day", "last_day")
+                 "_until_s", "broken", "first_day", "last_day", "quarantined")
 
     def __init__(self, key: str, since_s: float, until_s: float, tally: _Tally) -> None:
         self._key = key
@@ -228,6 +293,8 @@ class _ObjectDecoder:
         self.broken = False
         self.first_day: date | None = None
         self.last_day: date | None = None
+        self.quarantined: list[quarantine.Quarantined] = []
+        """Lines that are not readings the loader would take."""
 
     def feed(self, chunk: bytes) -> Iterator[Record]:
         data, damage = self._inflate_all(chunk)
@@ -275,11 +342,15 @@ class _ObjectDecoder:
                 continue
             try:
                 tick_s, record = _to_record(orjson.loads(raw))
-            except orjson.JSONDecodeError:
-                tally.problem(self._key, self._line, "not valid JSON; line skipped")
+            except orjson.JSONDecodeError as exc:
+                tally.problem(self._key, self._line, "not valid JSON; quarantined")
+                self.quarantined.append(
+                    quarantine.quarantined(self._line, raw, f"not JSON: {exc}"))
                 continue
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
-                tally.problem(self._key, self._line, f"not a reading ({exc}); line skipped")
+                tally.problem(self._key, self._line, f"not a reading ({exc}); quarantined")
+                self.quarantined.append(
+                    quarantine.quarantined(self._line, raw, f"not a reading: {exc}"))
                 continue
             if not since_s <= tick_s < until_s:
                 tally.out_of_range += 1
@@ -290,7 +361,7 @@ class _ObjectDecoder:
                 self.first_day = day
             if self.last_day is None or day > self.last_day:
                 self.last_day = day
-            yield record
+            yield (*record, self._line)
 
 
 def _to_record(doc: Any) -> tuple[float, Record]:
@@ -307,15 +378,18 @@ def _to_record(doc: Any) -> tuple[float, Record]:
     tick_s = _number(doc, "tick_at")
     received_s = _number(doc, "received_at")
     device_s = _optional_number(doc, "device_at")
+    values = (_optional_number(doc, "demand_w"), _optional_number(doc, "delivered_wh"),
+              _optional_number(doc, "received_wh"), _optional_number(doc, "price"))
+    # The loader's rule, so a line is loaded or quarantined alike either way.
+    problem = row_problem((device_id, tick_s, device_s, received_s, *values))
+    if problem is not None:
+        raise ValueError(problem)
     return tick_s, (
         device_id,
         datetime.fromtimestamp(tick_s, UTC),
         None if device_s is None else datetime.fromtimestamp(device_s, UTC),
         datetime.fromtimestamp(received_s, UTC),
-        _optional_number(doc, "demand_w"),
-        _optional_number(doc, "delivered_wh"),
-        _optional_number(doc, "received_wh"),
-        _optional_number(doc, "price"),
+        *values,
     )
 
 
