@@ -11,7 +11,7 @@ from poller.bench.profile import OTHER, Recorder, render, summarize
 
 COLLAPSED = """\
 <module> (poller/__main__.py:3);Runner.run (asyncio/runners.py:118);TimingWheel._run \
-(poller/polling/wheel.py:69);DeviceLoop.fire (poller/polling/loop.py:134) 30
+(poller/wheel.py:69);DeviceLoop.fire (poller/polling/loop.py:134) 30
 <module> (poller/__main__.py:3);Runner.run (asyncio/runners.py:118);\
 HttpConnection.data_received (poller/transport/connection.py:188);\
 parse_demand (poller/drivers/eagle_cloud.py:185) 50

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from poller.drivers import driver_names, get_driver
-from poller.drivers.base import DeviceSpec, HttpRequest, HttpResponse, Outcome, PollFailure, Sample
+from poller.drivers.base import DeviceSpec, Outcome, PollFailure, Sample
 from poller.drivers.eagle_cloud import (
     DEFAULT_CLOUD_BASE_URL,
     EagleCloudDriver,
@@ -16,6 +16,7 @@ from poller.drivers.eagle_cloud import (
     parse_summation,
 )
 from poller.drivers.response import MAX_BODY_BYTES
+from poller.http import HttpRequest, HttpResponse
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eagle"
 EPOCH_2000 = 946_684_800  # 2000-01-01T00:00:00Z, written out here on purpose

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from poller.drivers import get_driver
-from poller.drivers.base import DeviceSpec, HttpRequest, HttpResponse, Outcome, PollFailure, Sample
+from poller.drivers.base import DeviceSpec, Outcome, PollFailure, Sample
 from poller.drivers.http_json import (
     HttpJsonDriver,
     HttpJsonSession,
@@ -18,6 +18,7 @@ from poller.drivers.http_json import (
     parse_pointer,
     resolve,
 )
+from poller.http import HttpRequest, HttpResponse
 
 URL = "http://127.0.0.1:8080/api/now"
 TOKEN = "tok-9f8e7d"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from poller.drivers import get_driver
-from poller.drivers.base import DeviceSpec, HttpRequest, HttpResponse, Outcome, PollFailure, Sample
+from poller.drivers.base import DeviceSpec, Outcome, PollFailure, Sample
 from poller.drivers.eagle_local import (
     ENERGY_UNITS_WH,
     POWER_UNITS_W,
@@ -23,6 +23,7 @@ from poller.drivers.eagle_local import (
     parse_device_query,
     parse_local_value,
 )
+from poller.http import HttpRequest, HttpResponse
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eagle"
 URL = "http://192.168.1.50"

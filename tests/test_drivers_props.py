@@ -15,14 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poller.drivers.base import (
-    DeviceSession,
-    DeviceSpec,
-    HttpRequest,
-    HttpResponse,
-    PollFailure,
-    Sample,
-)
+from poller.drivers.base import DeviceSession, DeviceSpec, PollFailure, Sample
 from poller.drivers.bounds import SampleBounds
 from poller.drivers.eagle_cloud import EagleCloudDriver, parse_demand, parse_summation
 from poller.drivers.eagle_local import (
@@ -46,6 +39,7 @@ from poller.drivers.hexcodec import (
 )
 from poller.drivers.http_json import HttpJsonDriver, format_pointer, parse_pointer, resolve
 from poller.drivers.response import parse_xml
+from poller.http import HttpRequest, HttpResponse
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eagle"
 SECRET = "pw-Zq81"

@@ -22,8 +22,8 @@ import pytest
 
 from poller import config, migrate, netpolicy, sealing
 from poller.config import PollingSettings
-from poller.drivers.base import HttpRequest
 from poller.errors import ConfigError, UsageError
+from poller.http import HttpRequest
 from poller.netpolicy import (
     DEFAULT_DENIED_NETWORKS,
     LOOPBACK_NETWORKS,

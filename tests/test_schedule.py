@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from poller.clock import FakeClock
 from poller.polling import schedule
-from poller.polling.wheel import TimingWheel
+from poller.wheel import TimingWheel
 
 
 def test_phases_are_stable_and_spread() -> None:

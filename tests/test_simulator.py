@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 import uvloop
 
-from poller.drivers.base import DeviceSpec, HttpResponse, Sample
+from poller.drivers.base import DeviceSpec, Sample
 from poller.drivers.http_json import HttpJsonDriver
+from poller.http import HttpResponse
 from poller.simulator import (
     Fault,
     FaultRates,

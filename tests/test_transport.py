@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from poller.clock import FakeClock, settle
-from poller.drivers.base import HttpRequest, HttpResponse
+from poller.http import HttpRequest, HttpResponse
 from poller.transport import (
     AiohttpClient,
     FastHttpClient,

@@ -1,24 +1,24 @@
-"""The ``poller`` command line: the only place that reads flags, installs
-signal handlers and calls ``sys.exit``."""
+"""The ``poller`` command line: every sub-command's flags, and the one place
+that turns an error into an exit status (``sys.exit``).
+
+The commands themselves are in :mod:`poller.commands` (and
+:mod:`poller.bench.run`); those that run until stopped install their own
+signal handlers (``serve``: SIGTERM, SIGINT, SIGHUP, SIGUSR2; ``simulate``:
+SIGTERM, SIGINT; ``bench``: SIGTERM). What both sides share is in :mod:`poller.cliutil`."""
 
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
+from poller import __version__, argtypes, logs
+from poller.cliutil import PASSWORD_ENV, settings_from
+from poller.errors import PollerError
 
-from poller import __version__, argtypes, config, logs
-from poller.config import Settings
-from poller.errors import PollerError, UsageError
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-PASSWORD_ENV = "POLLER_DEVICE_PASSWORD"
+EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,12 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
-
-
-
-
 def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("--email", required=False, default=None,
                    help="account email (the cloud API's User header)")
@@ -168,45 +162,6 @@ def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
         state.add_argument("--disable", dest="enabled", action="store_false")
 
 
-
-
-def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
-    env = dict(os.environ) if env is None else env
-    overrides: dict[str, str] = {}
-    for text in getattr(args, "overrides", []) or []:
-        key, value = config.parse_override(text)
-        overrides[key] = value
-    if hasattr(args, "state_dir"):
-        overrides["state_dir"] = args.state_dir
-    for flag, key in (("log_level", "log.level"), ("log_format", "log.format")):
-        if hasattr(args, flag):
-            overrides[key] = getattr(args, flag)
-    path = getattr(args, "config", config.DEFAULT_CONFIG_PATH)
-    return config.load(config_path=path, env=env, overrides=overrides)
-
-
-def read_password(args: argparse.Namespace, *, confirm: bool) -> str:
-    """The device password: --password-stdin, the environment, or a no-echo prompt."""
-    if getattr(args, "password_stdin", False):
-        line = sys.stdin.readline()
-        return line.rstrip("\r\n")
-    if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV]
-    if not sys.stdin.isatty():
-        raise UsageError(f"no password: pipe it with --password-stdin or set {PASSWORD_ENV} "
-                         "(flags would show it in ps)")
-    first = getpass.getpass("Device password or install code: ")
-    if confirm and getpass.getpass("Again: ") != first:
-        raise UsageError("the two passwords differ")
-    return first
-
-
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    import uvloop
-
-    return uvloop.run(coro)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -224,7 +179,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code)
-
-
-def print_json(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")

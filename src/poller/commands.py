@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from poller import config, endpoints, sealing
-from poller.cli import print_json, read_password, run_async
+from poller.cliutil import print_json, read_password, run_async, settings_from
 from poller.config import Settings
 from poller.errors import PollerError, UsageError
 
@@ -334,6 +334,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     SIGHUP re-reads the configuration: tokens, log settings, poll timeout,
     back-off, flush size and age apply at once; server URLs, the API address,
     the instance id and the shard need a restart (the log names them).
+    SIGUSR2 writes a heap census to STATE_DIR/tracemalloc (poller.memtrace).
 
     A background task that cannot go on (another process took this instance
     id, say) stops the service like a signal, and serve exits non-zero with
@@ -344,7 +345,6 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     import signal
 
     from poller import logs
-    from poller.cli import settings_from
     from poller.sdnotify import Notifier, watchdog_interval_s, watchdog_loop
     from poller.service import Service
 
@@ -388,10 +388,15 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        # A heap snapshot when started with PYTHONTRACEMALLOC (see poller.memtrace).
-        from poller import memtrace
+        # A heap census (and snapshot, with PYTHONTRACEMALLOC) on SIGUSR2, see
+        # poller.memtrace; the C allocator's policy for a long run, see
+        # poller.allocator (process-wide, so set here).
+        from poller import allocator, memtrace
 
         loop.add_signal_handler(signal.SIGUSR2, memtrace.on_signal, settings.state_dir)
+        policy = allocator.MallocPolicy()
+        allocator.apply(policy)
+        trimmer = asyncio.create_task(allocator.trim_every(policy.trim_every_s))
         watchdog: asyncio.Task[None] | None = None
         waits: list[asyncio.Task[bool]] = []
         try:
@@ -410,6 +415,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
                 notifier.stopping()
                 stopping.set()  # a signal from here on exits at once
         finally:
+            trimmer.cancel()
             for task in (watchdog, *waits):
                 if task is not None:
                     task.cancel()

@@ -14,8 +14,6 @@ STATE = PREFIX + "state"
 """Hash: cloud id -> JSON of the device's status and counters
 (``total_events_logged``, ``first_timestamp``, ``last_timestamp``, last outcome
 and error, consecutive failures, failure counts by outcome)."""
-FLEET = PREFIX + "fleet"
-"""Hash: instance id -> JSON of fleet statistics (for ``poller check``)."""
 
 
 def failures(cloud_id: str) -> str:

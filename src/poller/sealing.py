@@ -80,10 +80,6 @@ class SecretBox:
         self._aead = AESGCM(key)
         self._key_id = key_id(key)
 
-    @property
-    def key_id_hex(self) -> str:
-        return self._key_id.hex()
-
     @staticmethod
     def is_legacy(sealed: bytes) -> bool:
         """True for a value in format 1, bound to the device's id only: seal it

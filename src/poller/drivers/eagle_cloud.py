@@ -36,14 +36,7 @@ from typing import Any
 
 import orjson
 
-from poller.drivers.base import (
-    DeviceSpec,
-    HttpRequest,
-    HttpResponse,
-    Outcome,
-    PollFailure,
-    Sample,
-)
+from poller.drivers.base import DeviceSpec, Outcome, PollFailure, Sample
 from poller.drivers.hexcodec import (
     EPOCH_2000_UNIX,
     decode_signed_hex,
@@ -60,6 +53,7 @@ from poller.drivers.response import (
     parse_xml,
     unparseable,
 )
+from poller.http import HttpRequest, HttpResponse
 
 NAME = "eagle-cloud"
 DEFAULT_CLOUD_BASE_URL = "https://rainforestcloud.com:9445"

@@ -26,14 +26,7 @@ import re
 import xml.etree.ElementTree as ET
 from decimal import Decimal
 
-from poller.drivers.base import (
-    DeviceSpec,
-    HttpRequest,
-    HttpResponse,
-    Outcome,
-    PollFailure,
-    Sample,
-)
+from poller.drivers.base import DeviceSpec, Outcome, PollFailure, Sample
 from poller.drivers.hexcodec import decode_unsigned_hex
 from poller.drivers.request import endpoint_url, header_value
 from poller.drivers.response import (
@@ -45,6 +38,7 @@ from poller.drivers.response import (
     parse_xml,
     unparseable,
 )
+from poller.http import HttpRequest, HttpResponse
 
 NAME = "eagle-local"
 POST_MANAGER_PATH = "/cgi-bin/post_manager"

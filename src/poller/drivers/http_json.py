@@ -33,9 +33,10 @@ from typing import Any
 
 import orjson
 
-from poller.drivers.base import DeviceSpec, HttpRequest, HttpResponse, Sample
+from poller.drivers.base import DeviceSpec, Sample
 from poller.drivers.request import base_url, header_value
 from poller.drivers.response import checked_body, unparseable
+from poller.http import HttpRequest, HttpResponse
 
 NAME = "http-json"
 FIELDS = ("device_at", "demand_w", "delivered_wh", "received_wh", "price")
@@ -250,7 +251,7 @@ class HttpJsonDriver:
     ...                   {"fields": {"demand_w": "/w"}})
     >>> session = HttpJsonDriver().session(spec)
     >>> request = session.begin(False)
-    >>> from poller.drivers.base import HttpResponse
+    >>> from poller.http import HttpResponse
     >>> session.feed(HttpResponse(200, (), b'{"w": 512}')).demand_w
     512.0
     """

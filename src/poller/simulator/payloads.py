@@ -1,5 +1,6 @@
-"""Bodies of the two EAGLE protocols, shaped like the captures in
-``/work/shared/fixtures/eagle`` (element order, indentation, hex widths).
+"""Bodies of the two EAGLE protocols, shaped like the published examples and
+captures of real answers (Rainforest's Eagle-Http-API documentation and the
+EAGLE-200 Local API manual): element order, indentation, hex widths.
 
 Cloud API (rainforestcloud ``post_manager``): hex fields; ``TimeStamp`` is
 seconds since 2000-01-01Z in 8 hex digits; ``Demand`` has 6 hex digits when

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from poller.drivers.base import HttpRequest, HttpResponse
+from poller.http import HttpRequest, HttpResponse
 from poller.transport.aio import AiohttpClient
 from poller.transport.errors import (
     TransportConnectError,

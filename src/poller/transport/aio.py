@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from poller.drivers.base import HttpRequest, HttpResponse
+from poller.http import HttpRequest, HttpResponse
 from poller.netpolicy import AddressNotAllowed, NetPolicy, keep_allowed
 from poller.transport.errors import (
     TransportConnectError,

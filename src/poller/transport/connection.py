@@ -4,7 +4,7 @@ prepared request and parses the answer with httptools.
 The connection holds the state of at most one exchange in its own slots, so
 a request on an idle connection allocates nothing here but the response.
 Deadlines are not one loop timer per request (uvloop allocates, arms, stops
-and closes a libuv timer for each: 1.6 µs a request, measured): the
+and closes a libuv timer for each, a measurable share of a request): the
 connection keeps its exchange's ``deadline`` and the owner sweeps its open
 connections a few times a second for those past it. Its owner (the client's
 pool) decides what happens to the connection after the exchange; the
@@ -25,7 +25,7 @@ from httptools import (
     HttpResponseParser,
 )
 
-from poller.drivers.base import HttpResponse
+from poller.http import HttpResponse
 from poller.transport.errors import (
     TransportConnectError,
     TransportError,
@@ -44,9 +44,9 @@ class ResponseHeaders(Sequence[tuple[str, str]]):
     """A response's headers as received, decoded when read.
 
     No poll reads them (the drivers look at the status and the body), and
-    decoding and lower-casing each one as it arrived cost 1.3 µs a response
-    of four headers (measured on the simulator's answers): the pairs are
-    kept as bytes and turned into ``(lower-cased name, value)`` on access."""
+    decoding and lower-casing each one as it arrived was a measurable cost
+    per response (on the simulator's answers): the pairs are kept as bytes
+    and turned into ``(lower-cased name, value)`` on access."""
 
     __slots__ = ("_raw",)
 

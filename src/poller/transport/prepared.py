@@ -6,7 +6,7 @@ import re
 import sys
 from urllib.parse import urlsplit
 
-from poller.drivers.base import HttpRequest
+from poller.http import HttpRequest
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -26,8 +26,8 @@ class PreparedRequest:
     ``start + headers + end``, written to the socket in one piece: ``start``
     (request line and Host) and ``end`` (framing headers and body) are shared
     by every request to the same place with the same body, so a fleet polling
-    one cloud keeps only its own headers per device (185 of 295 bytes a
-    device saved, for 0.08 µs a send).
+    one cloud keeps only its own headers per device (the rest, most of a
+    request, once), for one concatenation per send.
     """
 
     __slots__ = ("end", "headers", "host", "key", "port", "start", "tls")
