@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from poller.errors import ConfigError
@@ -37,9 +37,11 @@ NON_CONFIG_ENV = frozenset(
 )
 REDACTED = "***"
 
+_T = TypeVar("_T")
+
 
 def _opt(
-    default: Any,
+    default: _T,
     help: str,
     *,
     min: float | None = None,
@@ -47,10 +49,34 @@ def _opt(
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
     form: str | None = None,
-) -> Any:
+) -> _T:
+    # Typed as the default, not Any: `port: int = _opt("8640", ...)` is a mypy error.
     meta = {"help": help, "min": min, "max": max, "choices": choices, "secret": secret,
             "form": form}
     return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """This instance's part of a registry shared by ``n`` instances: the devices
+    whose id % n == k. Parsed once, from ``polling.shard``.
+
+    >>> Shard(1, 4), str(Shard(1, 4)), Shard(1, 4).owns(5)
+    (Shard(k=1, n=4), '1/4', True)
+    """
+
+    k: int
+    n: int
+
+    def owns(self, device_id: int) -> bool:
+        return device_id % self.n == self.k
+
+    def __str__(self) -> str:
+        return f"{self.k}/{self.n}"
+
+
+# The shard of a lone instance (no polling.shard): every device.
+EVERY_DEVICE = Shard(0, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +120,9 @@ class PollingSettings:
     resync_interval_s: float = _opt(30.0, "full registry resync period", min=1, max=86400)
     wheel_resolution_s: float = _opt(0.02, "tick granularity: devices due within one slot "
                                      "are dispatched together", min=0.001, max=1.0)
-    shard: str = _opt("", "k/n: poll only the devices whose id % n == k (one of n instances "
-                      "sharing a registry); empty: every device", form="shard")
+    # Text "k/n" in the file and environment; parsed once, here at the edge.
+    shard: Shard | None = _opt(None, "k/n: poll only the devices whose id % n == k (one of n "
+                               "instances sharing a registry); empty: every device")
     # Where device URLs may connect (poller.netpolicy): checked at
     # registration and again on every new connection.
     allowed_networks: tuple[str, ...] = _opt(
@@ -153,6 +180,13 @@ class IngestSettings:
         50.0, "past this share of the ceiling, segments already verified in S3 leave the "
         "disk before Postgres loads them (loaded from S3 later) and the open hour closes "
         "early to follow", min=1, max=100)
+    # The archive is the complete record: by default nothing leaves the disk
+    # before S3 has it, so a long S3 outage that fills the spool skips ticks.
+    # An operator who prefers Postgres to go on filling may shed instead.
+    shed_unarchived: bool = _opt(
+        False, "at the spool ceiling with S3 away, delete segments Postgres has loaded "
+        "although S3 lacks them (polling goes on, the archive misses them); false: skip "
+        "ticks instead, counted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +308,8 @@ def _coerce(key: str, f: dataclasses.Field[Any], raw: Any, from_text: bool) -> A
         return _coerce_list(key, raw, from_text)
     if not isinstance(raw, str):
         raise ConfigError(key, f"expected a string, got {raw!r}")
+    if kind == "Shard | None":
+        return parse_shard(key, raw) if raw else None
     return _check_string(key, raw, meta)
 
 
@@ -317,18 +353,16 @@ def _check_string(key: str, raw: str, meta: Mapping[str, Any]) -> str:
         raise ConfigError(key, f"expected a key prefix like 'poller' or 'a/b', got {raw!r}")
     elif form == "instance" and raw and not _INSTANCE_RE.match(raw):
         raise ConfigError(key, f"expected 1-63 of A-Z a-z 0-9 _ . - , got {raw!r}")
-    elif form == "shard" and raw:
-        parse_shard(key, raw)
     elif form == "host" and (not raw or any(c.isspace() for c in raw)):
         raise ConfigError(key, f"expected a host name or address, got {raw!r}")
     return raw
 
 
-def parse_shard(key: str, raw: str) -> tuple[int, int]:
-    """``"k/n"`` -> ``(k, n)`` with ``0 <= k < n``; ConfigError otherwise.
+def parse_shard(key: str, raw: str) -> Shard:
+    """``"k/n"`` -> ``Shard(k, n)`` with ``0 <= k < n``; ConfigError otherwise.
 
     >>> parse_shard("polling.shard", "1/4")
-    (1, 4)
+    Shard(k=1, n=4)
     """
     match = _SHARD_RE.fullmatch(raw.strip())
     if match is None:
@@ -336,7 +370,7 @@ def parse_shard(key: str, raw: str) -> tuple[int, int]:
     k, n = int(match[1]), int(match[2])
     if not 0 <= k < n:
         raise ConfigError(key, f"expected 0 <= k < n in k/n, got {raw!r}")
-    return k, n
+    return Shard(k, n)
 
 
 def _flatten_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -454,6 +488,8 @@ def as_dict(settings: Settings, *, redact: bool = True) -> dict[str, Any]:
                 item = getattr(value, g.name)
                 if redact and g.metadata.get("secret") and item:
                     item = REDACTED
+                elif g.type == "Shard | None":
+                    item = "" if item is None else str(item)  # as the file writes it: "k/n"
                 sub[g.name] = item
             out[f.name] = sub
         else:

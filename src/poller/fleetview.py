@@ -15,11 +15,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from poller.api.view import ConnectionSource, FleetSnapshot
+from poller.api.view import FleetSnapshot
 from poller.archive.fetch import EvictedSegments
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
 from poller.config import Settings
+from poller.db import ConnectionSource
 from poller.ingest.livestate import LiveState
 from poller.ingest.pipeline import Ingest
 from poller.ingest.spool import SpoolError, SpoolUsage

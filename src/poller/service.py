@@ -31,10 +31,11 @@ from typing import Any
 import asyncpg
 
 from poller import db, endpoints, migrate, sealing, snapshot
+from poller.archive.fetch import EvictedSegments
 from poller.archive.s3 import ArchiveStore
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
-from poller.config import Settings
+from poller.config import Settings, Shard
 from poller.fleetview import FleetView
 from poller.ingest.livestate import LiveState
 from poller.ingest.pgload import PgLoader
@@ -127,6 +128,9 @@ class Service:
         # The loader's pool is the database's gate: it loads only while this
         # process holds the instance lock, and waits (not fails) otherwise.
         loader = PgLoader(database.waiting, s.instance_id, spool)
+        # Segments the uploader evicts unloaded (spool past its high-water
+        # mark) load from S3, under the same checkpoints.
+        loader.archived = evicted = EvictedSegments(store, spool.directory, s.instance_id)
 
         async def delete_segment(name: str) -> None:
             await spool.delete(name)
@@ -136,24 +140,28 @@ class Service:
         self.uploader = Uploader(store, spool.directory, s.s3.prefix, loader.is_loaded,
                                  disk_warn_fraction=s.ingest.disk_warn_percent / 100,
                                  delete=delete_segment, clock=self.clock,
-                                 instance=s.instance_id)
+                                 instance=s.instance_id, pressure=spool.pressure,
+                                 evict=spool.delete, supervisor=self.supervisor.child(),
+                                 shed_unarchived=s.ingest.shed_unarchived)
         snapshot_path = snapshot.path_for(s.state_dir, s.instance_id)
         self.engine = engine = PollingEngine(
             s.polling, ep.database_url, self.box, _LateSink(),
             seed=s.polling.phase_seed or s.instance_id, clock=self.clock,
-            snapshot_path=snapshot_path)
+            snapshot_path=snapshot_path, supervisor=self.supervisor.child())
         initial = None
         if offline is not None:
             initial = await self._from_snapshot(offline, snapshot_path, engine.shard)
         pool = engine.pool
         self.live = LiveState(ep.redis_url, pool.targets, self._take_dirty)
+        # Ingest's and the uploader's tasks stop at their places in the stop
+        # order, not with the others: children of the supervisor.
         self.ingest = ingest = Ingest(s.ingest, spool, loader, self.uploader, self.live,
-                                      self.clock)
+                                      self.clock, supervisor=self.supervisor.child())
         pool.set_sink(ingest)
         self.view = view = FleetView(
             s, self.box, database.api, engine, ingest, self.uploader, self.live,
             self.supervisor, started_at=self.started_at,
-            postgres_ready=lambda: database.ready, clock=self.clock)
+            postgres_ready=lambda: database.ready, clock=self.clock, evicted=evicted)
 
         stack.push_async_callback(self._stop_ingest)  # flush -> COPY -> close hour -> upload
         await ingest.start()
@@ -195,7 +203,7 @@ class Service:
             return await registry_key(conn, s.state_dir)
 
     async def _from_snapshot(self, unreachable: db.DatabaseUnavailable, path: Path,
-                             shard: tuple[int, int]) -> snapshot.Specs:
+                             shard: Shard) -> snapshot.Specs:
         try:
             specs, written_at = await asyncio.to_thread(snapshot.load, path, self.box, shard)
         except snapshot.SnapshotError as exc:

@@ -18,7 +18,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from poller.api.view import ServiceView
+from poller.api.view import MetricsView
 from poller.polling.stats import LogHistogram
 
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -42,7 +42,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class ServiceCollector:
     """A custom collector: every sample comes from the view at scrape time."""
 
-    def __init__(self, view: ServiceView) -> None:
+    def __init__(self, view: MetricsView) -> None:
         self._view = view
 
     def describe(self) -> list[Metric]:
@@ -154,7 +154,7 @@ class ServiceCollector:
                      snap.started_at)
 
 
-def make_registry(view: ServiceView) -> CollectorRegistry:
+def make_registry(view: MetricsView) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(view))
     return registry

@@ -7,14 +7,13 @@ can be started against any object that does.
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from poller.config import Settings
+from poller.db import ConnectionSource
 from poller.polling.stats import LogHistogram
 from poller.sealing import SecretBox
 
@@ -83,29 +82,8 @@ class FleetSnapshot:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class ConnectionSource(Protocol):
-    """Where the API gets a Postgres connection (a pool, or the service's
-    gate in front of one, which raises ``ConnectionError`` while Postgres is
-    not ready)."""
-
-    def acquire(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
-
-
-class ServiceView(Protocol):
-    settings: Settings
-    box: SecretBox
-
-    @property
-    def db(self) -> ConnectionSource:
-        """The API's own Postgres pool (registry writes, listings, readings,
-        readiness), small and with a statement timeout, so the loader never
-        waits behind a request."""
-        ...
-
-    @property
-    def redis(self) -> aioredis.Redis | None:
-        """The live-state Redis client; None if not started."""
-        ...
+class MetricsView(Protocol):
+    """What /metrics reads of the service, at scrape time."""
 
     def fleet(self) -> FleetSnapshot: ...
 
@@ -121,6 +99,27 @@ class ServiceView(Protocol):
         """Poll-to-committed seconds, per reading."""
         ...
 
+    def loop_responsive(self) -> bool:
+        """The event loop answered its last heartbeat in time."""
+        ...
+
+
+class ServiceView(MetricsView, Protocol):
+    settings: Settings
+    box: SecretBox
+
+    @property
+    def db(self) -> ConnectionSource:
+        """The API's own Postgres pool (registry writes, listings, readings,
+        readiness), small and with a statement timeout, so the loader never
+        waits behind a request."""
+        ...
+
+    @property
+    def redis(self) -> aioredis.Redis | None:
+        """The live-state Redis client; None if not started."""
+        ...
+
     def device_status(self, cloud_id: str) -> dict[str, Any] | None:
         """In-memory status of a polled device (Target.snapshot()), or None. O(1)."""
         ...
@@ -132,8 +131,4 @@ class ServiceView(Protocol):
     def device_ids_in_state(self, state: str, after_id: int, limit: int) -> list[int]:
         """Ids of the pool's devices in ``state`` (a DeviceState value) above
         ``after_id``, ascending, at most ``limit``: O(log n + limit)."""
-        ...
-
-    def loop_responsive(self) -> bool:
-        """The event loop answered its last heartbeat in time."""
         ...

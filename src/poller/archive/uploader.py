@@ -5,7 +5,23 @@ The uploader works off the spool directory alone: every closed segment file
 marked with a ``NAME.uploaded`` file beside it, so a restart does not upload
 it again. A segment file is deleted only once it is uploaded *and* the caller's
 ``may_delete(name)`` says Postgres has loaded it; until then it stays and is
-checked again on every pass. Nothing else is ever deleted.
+checked again on every pass. Nothing else is ever deleted, with two
+exceptions for a spool at its limits (``pressure``, see
+:class:`~poller.ingest.spool.Pressure`):
+
+* past the high-water mark, a segment S3 holds verified is *evicted*
+  unloaded: its marker is renamed ``NAME.evicted`` (a rename needs no free
+  block) and the file deleted, keeping its checkpoint; the loader reads it
+  back from S3 (:mod:`poller.archive.fetch`);
+* only with ``shed_unarchived`` (``ingest.shed_unarchived``, off by
+  default): at the ceiling while S3 cannot be reached, a segment Postgres
+  has loaded is deleted although S3 does not have it, oldest first, counted
+  and named in the log. Off, the spool stays full until S3 returns and the
+  polling loops skip ticks (counted): nothing leaves the disk before S3 has
+  it.
+
+The loop runs under a :class:`~poller.tasks.Supervisor` (the service's,
+when given): an unexpected error restarts it with back-off, counted.
 
 Lifecycle (``delete=spool.delete`` lets the spool remove its own files and
 keep its bookkeeping; without it the uploader unlinks them)::
@@ -14,8 +30,9 @@ keep its bookkeeping; without it the uploader unlinks them)::
                         delete=spool.delete)
     await uploader.start()
     ...                                   # spool calls uploader.kick() per closed segment
-    await uploader.stop()                 # at shutdown, after the hour file is closed:
-    await uploader.upload_pending(clock.monotonic() + grace_s)
+    # at shutdown, once the spool has closed its hour files:
+    await uploader.upload_pending(clock.monotonic() + grace_s)  # waits for a pass running
+    await uploader.stop()                 # then the loop ends
 
 Time comes from the injected :class:`~poller.clock.Clock`: back-off, rechecks
 and deadlines on its monotonic scale; upload times and the age of a pending
@@ -38,13 +55,20 @@ from typing import NamedTuple, Protocol
 import orjson
 
 from poller.archive.naming import SEGMENT_SUFFIX, SegmentName, archive_key, parse_segment_name
-from poller.archive.s3 import ArchiveError, UploadResult
+from poller.archive.s3 import ArchiveError, ArchiveUnavailable, UploadResult
 from poller.clock import Clock, LoopClock
+from poller.errors import PollerError
+from poller.ingest.spool import Pressure
+from poller.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".uploaded"
+EVICTED_SUFFIX = ".evicted"
+"""A segment's marker once the segment left the spool unloaded."""
 _MARKER_TMP_SUFFIX = MARKER_SUFFIX + ".tmp"
+# An unexpected error this many times in a row: the process restarts.
+_GIVE_UP_AFTER = 10
 
 
 class SegmentStore(Protocol):
@@ -68,12 +92,18 @@ class UploaderStats:
     """Age of the oldest pending closed segment (0 when none waits)."""
     disk_used_fraction: float
     disk_warning: bool
+    segments_evicted: int = 0
+    """Segments removed from the spool verified in S3 but not loaded, since start."""
+    segments_unarchived: int = 0
+    """Segments removed at the ceiling with S3 failing, loaded but not archived."""
 
 
-def _report_crash(task: asyncio.Task[None]) -> None:
-    # stop() re-raises too, but a dead uploader must not stay unnoticed until then.
-    if not task.cancelled() and task.exception() is not None:
-        log.error("archive uploader stopped by an unexpected error", exc_info=task.exception())
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Segment(NamedTuple):
@@ -101,6 +131,10 @@ class Uploader:
         on_state: Callable[[UploaderStats], None] | None = None,
         delete: Callable[[str], Awaitable[None]] | None = None,
         instance: str | None = None,
+        pressure: Callable[[], Pressure] | None = None,
+        evict: Callable[[str], Awaitable[None]] | None = None,
+        supervisor: Supervisor | None = None,
+        shed_unarchived: bool = False,
     ) -> None:
         if backoff_base_s <= 0 or backoff_max_s < backoff_base_s:
             raise ValueError("need 0 < backoff_base_s <= backoff_max_s")
@@ -121,11 +155,19 @@ class Uploader:
         self._delete = delete
         # Instances may share a spool directory: each touches only its own files.
         self._instance = instance
+        self._pressure = pressure
+        self._evict = evict
+        """Removes a segment file and nothing else (its checkpoint stays)."""
+        self._shed = shed_unarchived
+        self._supervisor = supervisor if supervisor is not None else \
+            Supervisor(clock=self._clock)
         self._lock = asyncio.Lock()
         self._kicked = asyncio.Event()
         self._stop_requested = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._started = False
+        self._stopped = False
+        self._evicted_total = 0
+        self._unarchived_total = 0
         # Stats, refreshed by every pass.
         self._pending = 0
         self._bytes_pending = 0
@@ -148,8 +190,7 @@ class Uploader:
             raise RuntimeError("Uploader.start() called twice; an Uploader runs once")
         self._started = True
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._task = asyncio.create_task(self._run(), name="archive-uploader")
-        self._task.add_done_callback(_report_crash)
+        self._supervisor.spawn("archive-uploader", self._run, give_up_after=_GIVE_UP_AFTER)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the loop, letting an upload in progress finish for up to ``timeout_s``.
@@ -158,18 +199,10 @@ class Uploader:
         next time (to the same key). Idempotent.
         """
         self._stop_requested.set()
-        task, self._task = self._task, None
-        if task is None:
+        if not self._started or self._stopped:
             return
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-        if not done:
-            log.warning("archive upload still running after %.1f s at shutdown; cancelled",
-                        timeout_s)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return
-        task.result()
+        self._stopped = True
+        await self._supervisor.stop(grace_s=timeout_s)
 
     def kick(self) -> None:
         """Wake the loop now (a segment was closed)."""
@@ -202,6 +235,8 @@ class Uploader:
             upload_lag_s=lag,
             disk_used_fraction=self._disk_used,
             disk_warning=self._disk_warning,
+            segments_evicted=self._evicted_total,
+            segments_unarchived=self._unarchived_total,
         )
 
     async def _run(self) -> None:
@@ -210,8 +245,15 @@ class Uploader:
             try:
                 async with self._lock:
                     await self._pass(None, interruptible=True)
-            except (ArchiveError, OSError):
-                # Recorded by _pass. Kicks do not cut a back-off short.
+            except (PollerError, OSError) as exc:
+                # Archive failures are recorded by _pass; a spool that cannot
+                # delete (SpoolError) is retried the same way.
+                if not isinstance(exc, (ArchiveError, OSError)):
+                    log.warning("archive uploader: %s; retrying with back-off", exc)
+                if self._shed and isinstance(exc, ArchiveUnavailable):
+                    # S3 itself is away (not a refused request, not our disk).
+                    await self._shed_unarchived()
+                # Kicks do not cut a back-off short.
                 await self._clock.wait(self._backoff_delay(), self._stop_requested)
                 continue
             await self._clock.wait(self._idle_recheck_s, self._kicked, self._stop_requested)
@@ -334,8 +376,15 @@ class Uploader:
         os.replace(tmp, marker)
 
     async def _delete_if_loaded(self, seg: _Segment) -> None:
-        if not self._may_delete(seg.name):
-            return
+        """Delete an uploaded segment Postgres has loaded; past the spool's
+        high-water mark, evict it unloaded."""
+        if self._may_delete(seg.name):
+            await self._remove(seg)
+        elif self._evict is not None and self._pressure is not None \
+                and self._pressure() >= Pressure.HIGH:
+            await self._evict_unloaded(seg)
+
+    async def _remove(self, seg: _Segment) -> None:
         # Segment first: a crash in between leaves a stale marker, which the
         # next scan removes, never a segment that looks not uploaded.
         if self._delete is not None:
@@ -343,8 +392,43 @@ class Uploader:
         else:
             with contextlib.suppress(FileNotFoundError):
                 (self._dir / seg.name).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self._dir / (seg.name + MARKER_SUFFIX)).unlink()
+        for suffix in (MARKER_SUFFIX, EVICTED_SUFFIX):
+            # (An eviction record is left beside a segment by a crash
+            # between the record and the delete.)
+            with contextlib.suppress(FileNotFoundError):
+                (self._dir / (seg.name + suffix)).unlink()
+
+    async def _evict_unloaded(self, seg: _Segment) -> None:
+        assert self._evict is not None
+        # The record (the marker: key, size, ETag) is durable before the
+        # segment goes, so the loader always knows to read it from S3. A
+        # rename needs no free block: it works on a full disk.
+        os.replace(self._dir / (seg.name + MARKER_SUFFIX), self._dir / (seg.name + EVICTED_SUFFIX))
+        _fsync_dir(self._dir)
+        await self._evict(seg.name)
+        self._evicted_total += 1
+        log.info("spool past its high-water mark: %s left the disk before Postgres loaded "
+                 "it; it will be loaded from S3", seg.name)
+
+    async def _shed_unarchived(self) -> None:
+        """At the ceiling with S3 failing: delete segments Postgres has
+        loaded though S3 has not got them, oldest first, until below it."""
+        pressure = self._pressure
+        if pressure is None:
+            return
+        try:
+            for seg in self._scan():
+                if pressure() < Pressure.FULL:
+                    return
+                if self._is_uploaded(seg) or not self._may_delete(seg.name):
+                    continue
+                await self._remove(seg)
+                self._unarchived_total += 1
+                log.error("spool at its ceiling and S3 unavailable: deleted %s, loaded into "
+                          "PostgreSQL but never archived (the archive misses its readings)",
+                          seg.name)
+        except (PollerError, OSError) as exc:
+            log.warning("could not make room in the spool: %s", exc)
 
     def _note_pending(self, pending: set[str], segments: list[_Segment]) -> None:
         waiting = [s for s in segments if s.name in pending]

@@ -9,9 +9,23 @@ idempotent. Hour segments close after their hour (plus a grace) and at
 shutdown; the uploader sends them to S3 and deletes one only when S3 has it
 and Postgres has loaded it.
 
-Memory stays bounded: when the spool itself cannot write (a full disk), the
-buffer stops accepting at ``buffer_max_rows`` and the loops skip ticks,
-counted as back-pressure, rather than lose readings.
+The disk is bounded and S3 is the durable log. Past the spool's high-water
+mark the flusher closes the open hour early and kicks the uploader, which
+then removes segments S3 holds even before Postgres loads them (the loader
+reads those from S3). The spool refuses a batch at its ceiling
+(:class:`~poller.ingest.spool.SpoolFull`) or on any ``OSError`` (a
+:class:`~poller.ingest.spool.SpoolError`, counted): the batch returns to the
+buffer, nothing is written twice or lost, and the flusher retries (a full
+spool as soon as it has room for the batch, an I/O error with back-off).
+Memory stays bounded: the buffer stops accepting at ``buffer_max_rows``
+and the loops skip ticks, counted as back-pressure and logged once, rather
+than lose readings. With S3 or Postgres taking segments off the disk that
+does not happen; it takes both away and the ceiling reached.
+
+The flusher, the loader and the live-state writer run under a
+:class:`~poller.tasks.Supervisor` (a child of the service's): restarted with
+back-off and counted when they fail; ten failures in a row make the process
+exit for systemd to restart it.
 
 Time comes from one injected :class:`~poller.clock.Clock`: flush age, hour
 rotation, pauses and the shutdown deadline on its monotonic scale; reading
@@ -26,22 +40,29 @@ import contextlib
 import logging
 import operator
 import random
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
+from poller.archive.s3 import ArchiveUnavailable
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
 from poller.config import IngestSettings
 from poller.ingest.livestate import LiveState
 from poller.ingest.pgload import LoaderError, LoaderUnavailable, PgLoader
-from poller.ingest.spool import Spool, SpoolError, SpoolPosition
+from poller.ingest.spool import Pressure, Spool, SpoolError, SpoolFull, SpoolPosition
 from poller.polling.stats import LogHistogram
 from poller.reading import Reading
-from poller.tasks import cancel_and_wait
+from poller.tasks import Supervisor
 
 log = logging.getLogger("poller.ingest")
 _ROTATE_EVERY_S = 1.0
 _RETRY_MAX_S = 30.0
+_GIVE_UP_AFTER = 10
+"""Unexpected failures in a row after which a storage task cannot go on."""
+_EARLY_CLOSE_SHARE = 4
+"""Under pressure an open segment closes early once it holds a quarter of the
+ceiling (a sixteenth once the spool refused a batch): small enough to leave
+room while S3 takes it, large enough that an S3 outage does not make many
+small objects."""
 _RECEIVED_AT = operator.itemgetter(Reading._fields.index("received_at"))
 
 
@@ -52,7 +73,7 @@ def _hour(tick_at: float) -> int:
 class Ingest:
     def __init__(self, settings: IngestSettings, spool: Spool, loader: PgLoader,
                  uploader: Uploader | None, live: LiveState | None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, *, supervisor: Supervisor | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.loader = loader
@@ -62,6 +83,7 @@ class Ingest:
         self._buffer: list[Reading] = []
         self._batch_rows = settings.batch_rows
         self._max_rows = settings.buffer_max_rows
+        self._bound_spool(settings)
         self.accepting = True
         """False while the buffer is full (the spool cannot write): the loops
         skip ticks. Kept current by every change of the buffer."""
@@ -73,12 +95,22 @@ class Ingest:
         self._pending_rows = 0
         self._behind = True  # catch up from the spool before anything else
         self._behind_since: float | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._supervisor = supervisor if supervisor is not None else \
+            Supervisor(clock=self._clock)
         self._stopping = False
         self._stop_event = asyncio.Event()
         self.postgres_up = False
         self._pg_was_down = False
+        self._archive_was_down = False
         self.spool_ok = True
+        self.spool_full = False
+        """The spool refused the last batch for want of room (ceiling or ENOSPC)."""
+        self._full_need = 0
+        """Bytes the refused member needed: no retry before the spool has them."""
+        self._pressure = Pressure.NONE
+        self._evictions_seen = 0
+        self._skipping = False
+        """The buffer is full and the loops skip ticks (logged once per episode)."""
         self.rows_committed = 0
         self.loader_failures = 0
         """Loader steps that failed for a reason other than an outage."""
@@ -92,6 +124,14 @@ class Ingest:
         self._batch_rows = settings.batch_rows
         self._max_rows = settings.buffer_max_rows
         self.accepting = len(self._buffer) < self._max_rows
+        self._bound_spool(settings)
+
+    def _bound_spool(self, settings: IngestSettings) -> None:
+        """The spool's ceiling and high-water mark come from the settings."""
+        spool = self.spool
+        spool.max_bytes = settings.spool_max_bytes
+        spool.max_disk_fraction = settings.spool_max_percent / 100
+        spool.high_water_fraction = settings.spool_high_water_percent / 100
 
     # -- the hot path -----------------------------------------------------------
 
@@ -131,21 +171,12 @@ class Ingest:
             await self.live.start()
         if self.uploader is not None:
             await self.uploader.start()
-        self._spawn(self._flusher(), "ingest-flusher")
-        self._spawn(self._loader_loop(), "ingest-loader")
+        spawn = self._supervisor.spawn
+        spawn("ingest-flusher", self._flusher, give_up_after=_GIVE_UP_AFTER)
+        spawn("ingest-loader", self._loader_loop, give_up_after=_GIVE_UP_AFTER)
         if self.live is not None:
-            self._spawn(self._live_loop(), "ingest-live-state")
+            spawn("ingest-live-state", self._live_loop)
         self._loader_wake.set()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     async def stop(self, deadline: float) -> None:
         """Flush, load, close the hour files and upload them, until ``deadline``
@@ -158,14 +189,12 @@ class Ingest:
             await self.loader.stop()
             return
         # The flusher and the loader finish the step they are in (a spool
-        # write cancelled half-way would lose its batch); the rest is cancelled.
+        # write cancelled half-way would lose its batch); what is still
+        # running at the deadline is cancelled.
         self._stopping = True
         self._stop_event.set()
-        graceful = [t for t in self._tasks if t.get_name() in ("ingest-flusher", "ingest-loader")]
         now = self._clock.monotonic
-        if graceful:
-            await asyncio.wait(graceful, timeout=max(0.1, deadline - now()))
-        await cancel_and_wait(self._tasks)
+        await self._supervisor.stop(grace_s=max(0.1, deadline - now()))
         while self._buffer and now() < deadline:
             if not await self._flush_once():
                 await self._clock.sleep(0.2)
@@ -205,44 +234,130 @@ class Ingest:
                 return
             if await self._flush_once():
                 failures = 0
-            else:
+            elif not self.spool_full:
+                # An I/O error: back off. A full spool is retried every flush
+                # interval (cheaply: see _flush_once), to resume as soon as
+                # S3 or Postgres has taken segments off the disk.
                 failures += 1
                 await self._pause(min(_RETRY_MAX_S, 0.5 * 2**failures))
             if clock.monotonic() >= next_rotate:
                 next_rotate = clock.monotonic() + _ROTATE_EVERY_S
                 await self._rotate()
+            await self._relieve_pressure()
 
     async def _flush_once(self) -> bool:
-        batch = self._buffer
-        if not batch:
-            return True
-        self._buffer = []
+        """Move the buffer to the spool; False when the spool refused a batch
+        (it stays in the buffer)."""
+        todo = len(self._buffer)
+        if todo and self.spool_full and not self._has_room():
+            self._note_skipping()
+            return False
+        while todo > 0:
+            # After a refusal the buffer may have grown past any one batch:
+            # write it in batch-sized members so each fits as room frees.
+            step = todo if self.spool_ok else min(todo, self._batch_rows)
+            if not await self._append(step):
+                self._note_skipping()
+                return False
+            todo -= step
+        return True
+
+    def _note_skipping(self) -> None:
+        """Log once when the full buffer makes the loops skip ticks."""
+        if not self.accepting and not self._skipping:
+            self._skipping = True
+            log.warning("storage full: the spool refuses writes and %d reading(s) fill the "
+                        "buffer; ticks are skipped (poller_backpressure_skips_total) until it "
+                        "takes writes again", len(self._buffer))
+
+    def _has_room(self) -> bool:
+        try:
+            usage = self.spool.usage()
+        except SpoolError:
+            return True  # let the write say what is wrong
+        return usage.ceiling_bytes - usage.spool_bytes >= self._full_need
+
+    async def _append(self, rows: int) -> bool:
+        buffer = self._buffer
+        batch = buffer if rows >= len(buffer) else buffer[:rows]
+        self._buffer = [] if batch is buffer else buffer[rows:]
         self._kicked = False
-        self.accepting = True
+        self.accepting = len(self._buffer) < self._max_rows
         try:
             positions = await self.spool.append(batch)
         except SpoolError as exc:
             # Members already durable go on; the rest returns to the front of
             # the buffer so nothing is written twice or lost.
             written = {p.hour for p in exc.written}
-            self._queue(exc.written, batch)
+            self._queue(exc.written, batch, whole=False)
             self._buffer = [r for r in batch if _hour(r.tick_at) not in written] + self._buffer
-            self.accepting = len(self._buffer) < self._max_rows
-            if self.spool_ok:
-                log.error("spool write failed, readings held in memory (%d): %s",
-                          len(self._buffer), exc)
-            self.spool_ok = False
+            self._refused(exc)
             return False
+        except Exception:
+            # A bug, before anything was written (the spool encodes every
+            # member first): keep the batch; the supervisor restarts the
+            # flusher. (Cancelled, the write goes on in the spool's thread.)
+            self._buffer = batch + self._buffer
+            self.accepting = len(self._buffer) < self._max_rows
+            raise
         if not self.spool_ok:
             log.info("spool writes again")
+        if self._skipping and self.accepting:
+            self._skipping = False
+            log.info("the spool takes readings again: ticks are polled again")
         self.spool_ok = True
+        self.spool_full = False
+        self._full_need = 0
         self._queue(positions, batch)
         return True
 
-    def _queue(self, positions: Sequence[SpoolPosition], batch: list[Reading]) -> None:
+    def _refused(self, exc: SpoolError) -> None:
+        self.accepting = len(self._buffer) < self._max_rows
+        full = isinstance(exc, SpoolFull)
+        if self.spool_ok:
+            log.error("spool write refused, readings held in memory (%d): %s",
+                      len(self._buffer), exc)
+        self.spool_ok = False
+        self.spool_full = full
+        self._full_need = exc.needed_bytes if isinstance(exc, SpoolFull) else 0
+
+    async def _relieve_pressure(self) -> None:
+        """Past the high-water mark, close the open hour early (so the
+        uploader can take it off the disk) and wake the uploader."""
+        if self.uploader is None:
+            return
+        try:
+            usage = self.spool.usage()
+        except SpoolError:
+            return
+        pressure = self.spool.pressure(usage)
+        was, self._pressure = self._pressure, pressure
+        if pressure is Pressure.NONE:
+            if was is not Pressure.NONE:
+                log.info("spool below its high-water mark again (%d of %d bytes)",
+                         usage.spool_bytes, usage.ceiling_bytes)
+            return
+        if was is Pressure.NONE:
+            log.warning("spool past its high-water mark (%d of %d bytes): segments S3 holds "
+                        "leave the disk before Postgres loads them", usage.spool_bytes,
+                        usage.ceiling_bytes)
+        at_ceiling = self.spool_full or pressure is Pressure.FULL
+        share = _EARLY_CLOSE_SHARE * (4 if self.spool_full else 1)
+        try:
+            closed = await self.spool.close_early(usage.ceiling_bytes // share)
+        except SpoolError as exc:
+            log.error("closing a segment early failed: %s", exc)
+            return
+        if closed or was is Pressure.NONE or at_ceiling:
+            self.uploader.kick()
+
+    def _queue(self, positions: Sequence[SpoolPosition], batch: list[Reading], *,
+               whole: bool = True) -> None:
+        """``whole``: ``positions`` hold the whole batch (else only the hours
+        they name were written)."""
         if not positions:
             return
-        if len(positions) == 1:
+        if whole and len(positions) == 1:
             groups = {positions[0].hour: batch}
         else:
             groups = collections.defaultdict(list)
@@ -263,7 +378,10 @@ class Ingest:
     def _fall_behind(self, since: float | None = None) -> None:
         """Drop the in-memory copies: the loader reads the spool from its
         checkpoints next (idempotent, so nothing loads twice)."""
-        if not self._behind:
+        # A start is behind from the outset but undated: the loader's first
+        # call dates it, or a first catch-up that never succeeds would show
+        # no lag at all.
+        if not self._behind or self._behind_since is None:
             self._behind = True
             self._behind_since = since if since is not None else self._clock.wall()
         self._pending.clear()
@@ -285,6 +403,9 @@ class Ingest:
         await self._clock.wait(seconds, self._stop_event)
 
     async def _loader_loop(self) -> None:
+        # A run (the first, or one after a crash) starts from the
+        # checkpoints: the in-memory queue may be half-handled.
+        self._fall_behind()
         failures = 0
         while not self._stopping:
             if not self._pending and not self._behind:
@@ -301,6 +422,15 @@ class Ingest:
                     log.warning("postgres unavailable, readings wait in the spool: %s", exc)
                 self.postgres_up = False
                 self._pg_was_down = True
+                await self._pause(min(_RETRY_MAX_S, 0.5 * 2**min(failures, 8))
+                                  * (0.5 + random.random() / 2))
+            except ArchiveUnavailable as exc:
+                # Segments evicted to S3 wait for it; everything else loaded.
+                failures += 1
+                if not self._archive_was_down:
+                    log.warning("segments evicted from the spool wait for S3: %s", exc)
+                self._archive_was_down = True
+                self._fall_behind()
                 await self._pause(min(_RETRY_MAX_S, 0.5 * 2**min(failures, 8))
                                   * (0.5 + random.random() / 2))
             except Exception:
@@ -321,11 +451,16 @@ class Ingest:
             self._pending.clear()
             self._pending_rows = 0
             started = self._clock.monotonic()
-            caught = await self.loader.catch_up()
+            before = self.loader.rows_loaded
+            try:
+                caught = await self.loader.catch_up()
+            finally:
+                # What loaded counts, even when S3 or Postgres stopped it half-way.
+                self.rows_committed += self.loader.rows_loaded - before
+            self._archive_was_down = False
             self._behind = False
             self._behind_since = None
             if caught:
-                self.rows_committed += caught
                 log.info("loader caught up %d reading(s) in %.1f s", caught,
                          self._clock.monotonic() - started)
             if behind_since is not None or self._pg_was_down:
@@ -354,6 +489,14 @@ class Ingest:
             self.copy_batches += 1
             self.copy_seconds.record(self._clock.monotonic() - started)
             self.commit_latency.record_ages(now, list(map(_RECEIVED_AT, rows)))
+        if self.uploader is not None:
+            evicted = self.uploader.stats().segments_evicted
+            if evicted != self._evictions_seen:
+                # Segments left the disk unloaded since the last look. What
+                # memory held of them is loaded now; a catch-up loads the
+                # rest from S3 and settles their records.
+                self._evictions_seen = evicted
+                self._fall_behind()
 
     async def _drain_loader(self, until: float) -> None:
         now = self._clock.monotonic

@@ -22,17 +22,28 @@ exclusive ``flock`` on ``{instance}.lock`` in the directory and holds it until
 writers would each close, upload and delete the other's segments. Instances
 with different ids may share a directory: each has its own lock, its own
 sequence file ``{instance}.seq`` and touches only segments named for it.
+
+The spool has a hard ceiling (``ingest.spool_max_bytes``, and
+``ingest.spool_max_percent`` of its file system as ``df`` counts): a batch
+that would pass it is refused with :class:`SpoolFull`, as a full disk
+(ENOSPC) refuses one. Above the high-water mark (:meth:`Spool.pressure`) the
+service lets segments S3 holds leave the disk before Postgres loads them
+(see :mod:`poller.archive.fetch`). Every ``OSError`` of the spool's files
+comes out as a :class:`SpoolError` and is counted in ``io_errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import enum
+import errno
 import fcntl
 import gzip
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import zlib
@@ -74,6 +85,38 @@ class SpoolError(PollerError):
         super().__init__(message)
         self.written: tuple[SpoolPosition, ...] = tuple(written)
         """Members of the failed batch that were made durable before the failure."""
+
+
+class SpoolFull(SpoolError):
+    """The batch would pass the spool's ceiling or the disk is full (ENOSPC):
+    nothing after ``written`` was written. Retry once space frees."""
+
+    def __init__(self, message: str, written: Sequence[SpoolPosition] = (),
+                 needed_bytes: int = 0) -> None:
+        super().__init__(message, written)
+        self.needed_bytes = needed_bytes
+        """Size of the member that did not fit."""
+
+
+class Pressure(enum.IntEnum):
+    """How close the spool is to its ceiling."""
+
+    NONE = 0
+    HIGH = 1
+    """At or past the high-water mark: segments S3 holds may leave unloaded."""
+    FULL = 2
+    """Within :data:`FULL_FRACTION` of the ceiling: the next batches may not fit."""
+
+
+FULL_FRACTION = 0.9
+
+
+class SpoolUsage(NamedTuple):
+    spool_bytes: int
+    ceiling_bytes: int
+    """What the spool may hold now: the least of ``max_bytes`` and what keeps
+    its file system under ``max_disk_fraction`` in use (as ``df`` counts)."""
+    disk_used_fraction: float
 
 
 class SpoolPosition(NamedTuple):
@@ -220,14 +263,26 @@ class Spool:
     """
 
     def __init__(self, directory: Path, instance_id: str,
-                 clock: Callable[[], float] = time.time, *, grace_s: float = 30.0) -> None:
+                 clock: Callable[[], float] = time.time, *, grace_s: float = 30.0,
+                 max_bytes: int = 0, max_disk_fraction: float = 1.0,
+                 high_water_fraction: float = 0.5) -> None:
         if not instance_id or "/" in instance_id:
             raise ValueError(f"instance_id must be a non-empty file name part, got {instance_id!r}")
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s!r}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 (0: no byte ceiling), got {max_bytes!r}")
+        if not 0 < max_disk_fraction <= 1 or not 0 < high_water_fraction <= 1:
+            raise ValueError("max_disk_fraction and high_water_fraction must be in (0, 1]")
         self.directory = Path(directory)
         self.instance_id = instance_id
         self.grace_s = grace_s
+        self.max_bytes = max_bytes
+        """Hard ceiling of the segment files' bytes; 0: none."""
+        self.max_disk_fraction = max_disk_fraction
+        """The spool writes nothing that takes its file system past this share
+        in use; 1.0: the disk itself decides (ENOSPC)."""
+        self.high_water_fraction = high_water_fraction
         self._clock = clock
         self._lock = threading.Lock()
         self._open: dict[int, _OpenSegment] = {}
@@ -237,6 +292,8 @@ class Spool:
         self._lock_fd: int | None = None
         self.cut_bytes = 0
         """Bytes of torn tails cut at the last :meth:`open`."""
+        self.io_errors = 0
+        """Operations on the spool's files that failed with an ``OSError``."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -271,7 +328,13 @@ class Spool:
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._executor is None:
             raise RuntimeError("the spool is not open: call await spool.open() first")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except OSError as exc:
+            # EIO, EROFS, ENOSPC on a close, a rename or an unlink: the
+            # caller retries later; a crash would only lose the buffer.
+            self.io_errors += 1
+            raise SpoolError(f"spool {self.directory}: {exc}") from exc
 
     # -- writing -----------------------------------------------------------
 
@@ -296,6 +359,13 @@ class Spool:
 
     async def close_all(self) -> list[SegmentInfo]:
         return await self._run(self._close_all_sync)
+
+    async def close_early(self, min_bytes: int) -> list[SegmentInfo]:
+        """Close every open segment holding at least ``min_bytes`` (and at
+        least one member) before its hour is over: under disk pressure a
+        closed segment can go to S3 and leave the disk. Later readings of its
+        hour start a new segment."""
+        return await self._run(self._close_early_sync, max(1, min_bytes))
 
     async def delete(self, segment: str) -> None:
         """Remove a closed segment (the caller decided it is archived and loaded).
@@ -340,10 +410,48 @@ class Spool:
 
     def disk_usage(self) -> tuple[int, float]:
         """``(spool_bytes, fraction of the file system in use)``, as ``df`` counts."""
-        st = os.statvfs(self.directory)
+        usage = self.usage()
+        return usage.spool_bytes, usage.disk_used_fraction
+
+    def usage(self) -> SpoolUsage:
+        """The spool's bytes, its ceiling now and its disk's use (one ``statvfs``).
+
+        Raises :class:`SpoolError` when the file system cannot be asked."""
+        return self._usage(enforced=False)
+
+    def pressure(self, usage: SpoolUsage | None = None) -> Pressure:
+        """Where the spool stands against its ceiling (``usage``: one just read)."""
+        if usage is None:
+            usage = self.usage()
+        if usage.spool_bytes <= 0:
+            return Pressure.NONE
+        if usage.spool_bytes >= FULL_FRACTION * usage.ceiling_bytes:
+            return Pressure.FULL
+        if usage.spool_bytes >= self.high_water_fraction * usage.ceiling_bytes:
+            return Pressure.HIGH
+        return Pressure.NONE
+
+    def _usage(self, *, enforced: bool) -> SpoolUsage:
+        """``enforced``: the ceiling append keeps to, where a disk allowed to
+        fill (``max_disk_fraction`` 1.0) is left to the kernel's ENOSPC;
+        otherwise the ceiling as reported, the full disk included."""
+        spool_bytes = self.pending_bytes
+        try:
+            st = os.statvfs(self.directory)
+        except OSError as exc:
+            self.io_errors += 1
+            raise SpoolError(f"spool {self.directory}: {exc}") from exc
         used = (st.f_blocks - st.f_bfree) * st.f_frsize
         avail = st.f_bavail * st.f_frsize
-        return self.pending_bytes, (used / (used + avail) if used + avail else 1.0)
+        total = used + avail
+        ceiling = sys.maxsize
+        if self.max_disk_fraction < 1.0 or not enforced:
+            # Room left before the disk is max_disk_fraction full; the spool's
+            # own bytes are in ``used`` already.
+            ceiling = spool_bytes + max(0, int(self.max_disk_fraction * total) - used)
+        if self.max_bytes:
+            ceiling = min(ceiling, self.max_bytes)
+        return SpoolUsage(spool_bytes, ceiling, used / total if total else 1.0)
 
     def read_members(self, segment: str, from_offset: int = 0
                      ) -> Generator[tuple[int, list[Reading]], None, None]:
@@ -502,19 +610,31 @@ class Spool:
                 by_hour[hour] = [reading]
             else:
                 rows.append(reading)
+        # Every member is made before any is written: a failure to encode
+        # then leaves the whole batch unwritten, never a part of it.
+        members = [(hour, len(by_hour[hour]),
+                    gzip.compress(encode_rows(by_hour[hour]), COMPRESS_LEVEL, mtime=0))
+                   for hour in sorted(by_hour)]
+        room = self._usage(enforced=True).ceiling_bytes - self.pending_bytes
         positions: list[SpoolPosition] = []
-        for hour in sorted(by_hour):
-            rows = by_hour[hour]
-            member = gzip.compress(encode_rows(rows), COMPRESS_LEVEL, mtime=0)
+        for hour, n_rows, member in members:
+            if len(member) > room:
+                raise SpoolFull(f"spool: {len(member)} bytes of hour {hour_label(hour)} would "
+                                f"pass the ceiling of {self.directory} ({max(0, room)} bytes "
+                                "left)", positions, len(member))
             try:
                 seg = self._open.get(hour) or self._new_segment(hour)
                 start = seg.size
                 self._write_member(seg, member)
             except OSError as exc:
-                raise SpoolError(f"spool: cannot append {len(rows)} readings of hour "
-                                 f"{hour_label(hour)} in {self.directory}: {exc}",
-                                 positions) from exc
-            positions.append(SpoolPosition(seg.name, seg.size, hour, len(rows), start))
+                self.io_errors += 1
+                message = (f"spool: cannot append {n_rows} readings of hour {hour_label(hour)} "
+                           f"in {self.directory}: {exc}")
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpoolFull(message, positions, len(member)) from exc
+                raise SpoolError(message, positions) from exc
+            room -= len(member)
+            positions.append(SpoolPosition(seg.name, seg.size, hour, n_rows, start))
         return positions
 
     def _write_member(self, seg: _OpenSegment, member: bytes) -> None:
@@ -570,6 +690,16 @@ class Spool:
                 self._closed[info.name] = info
         log.info("spool: closed %s (%d bytes)", seg.name, seg.size)
         return info
+
+    def _close_early_sync(self, min_bytes: int) -> list[SegmentInfo]:
+        closed: list[SegmentInfo] = []
+        for hour in sorted(self._open):
+            seg = self._open[hour]
+            if seg.size >= min_bytes:
+                info = self._close_segment(seg)
+                if info is not None:
+                    closed.append(info)
+        return closed
 
     def _close_all_sync(self) -> list[SegmentInfo]:
         closed: list[SegmentInfo] = []

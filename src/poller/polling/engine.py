@@ -14,7 +14,8 @@ from pathlib import Path
 
 from poller import snapshot
 from poller.clock import Clock, LoopClock
-from poller.config import PollingSettings, parse_shard
+from poller.config import EVERY_DEVICE, PollingSettings
+from poller.db import Conn
 from poller.drivers.base import DeviceSpec
 from poller.netpolicy import NetPolicy
 from poller.polling.adapt import FetchAdapter
@@ -57,7 +58,7 @@ class PollingEngine:
         }
         self.pool = DevicePool(settings, sink, transports, seed=seed, clock=clock,
                                wheel_resolution_s=settings.wheel_resolution_s)
-        self.shard = parse_shard("polling.shard", settings.shard) if settings.shard else (0, 1)
+        self.shard = settings.shard or EVERY_DEVICE
         self.snapshot_path = snapshot_path
         self._box = box
         self.watcher = RegistryWatcher(
@@ -105,6 +106,6 @@ class PollingEngine:
         await self.fast.close()
         await self.general.close()
 
-    async def _write_snapshot(self, conn: object) -> None:
+    async def _write_snapshot(self, conn: Conn) -> None:
         assert self.snapshot_path is not None
         await snapshot.save(conn, self._box, self.snapshot_path, self.shard)

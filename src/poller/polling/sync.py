@@ -7,7 +7,7 @@ the listening connection was down. Only changed devices are fetched and their
 credentials opened. With Postgres down, polling goes on with the devices it
 has.
 
-With ``shard`` ``(k, n)`` the watcher keeps only the devices whose id % n == k:
+With ``shard`` k/n the watcher keeps only the devices whose id % n == k:
 n instances with shards 0/n .. n-1/n share one registry and poll every device
 exactly once between them, each on its own event loop (and its own core).
 
@@ -29,6 +29,7 @@ import asyncpg
 
 from poller import heap
 from poller.clock import Clock
+from poller.config import EVERY_DEVICE, Shard
 from poller.drivers.base import DeviceSpec
 from poller.polling.pool import DevicePool
 from poller.registry import CHANNEL, RESYNC_ALL, DeviceRecord, Registry
@@ -47,7 +48,7 @@ Wanted = tuple[DeviceRecord, DeviceSpec]
 
 class RegistryWatcher:
     def __init__(self, database_url: str, box: SecretBox, pool: DevicePool,
-                 resync_interval_s: float, *, shard: tuple[int, int] = (0, 1),
+                 resync_interval_s: float, *, shard: Shard = EVERY_DEVICE,
                  on_resync: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
                  clock: Clock | None = None, supervisor: Supervisor | None = None) -> None:
         self._url = database_url
@@ -102,8 +103,8 @@ class RegistryWatcher:
             with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 await conn.close(timeout=2)
 
-    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        self._changed.add(payload)
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        self._changed.add(str(payload))  # a str from asyncpg; its stubs say object
         self._wake.set()
 
     def _resync_soon(self) -> bool:
@@ -168,8 +169,8 @@ class RegistryWatcher:
     async def _apply(self, cloud_ids: list[str]) -> None:
         assert self._conn is not None
         registry = Registry(self._conn, self._box)
-        k, n = self._shard
-        versions = {i: v for i, v in (await registry.versions(cloud_ids)).items() if i % n == k}
+        owns = self._shard.owns
+        versions = {i: v for i, v in (await registry.versions(cloud_ids)).items() if owns(i)}
         wanted_ids = [i for i, v in versions.items() if v is not None]
         specs = await registry.specs(ids=wanted_ids) if wanted_ids else {}
         for device_id in versions:
