@@ -13,21 +13,13 @@ import time
 import zlib
 from pathlib import Path
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poller.ingest.spool import (
-    OPEN_SUFFIX,
-    Spool,
-    SpoolError,
-    SpoolPosition,
-    decode_rows,
-    encode_rows,
-    parse_segment_name,
-)
+from poller.ingest.spool import Spool, SpoolError, SpoolPosition
 from poller.reading import Reading
+from poller.segment import OPEN_SUFFIX, decode_readings, encode_readings, parse_segment_name
 from tests.rows import FakeClock, make_rows
 
 H0 = 1_763_884_800  # 2025-11-23T08:00:00Z, an hour boundary
@@ -41,36 +33,6 @@ async def opened(directory: Path, clock: FakeClock, instance: str = "inst-1.a") 
 
 def read_all(spool: Spool, name: str) -> list[Reading]:
     return [r for _, rows in spool.read_members(name) for r in rows]
-
-
-def test_encode_decode_round_trip_and_json_form() -> None:
-    rows = make_rows(5, H0 + 1.5)
-    data = encode_rows(rows)
-    lines = data.splitlines()
-    assert len(lines) == 5 and data.endswith(b"\n")
-    first = orjson.loads(lines[0])
-    assert first == {"device_id": 1, "tick_at": H0 + 1.5, "device_at": H0 + 1.0,
-                     "received_at": H0 + 1.75, "demand_w": -12.5, "delivered_wh": 1000.0,
-                     "received_wh": None, "price": 0.11, "cloud_id": "dev-1"}
-    assert decode_rows(data) == rows
-    assert decode_rows(b"") == []
-    assert encode_rows([]) == b""
-
-
-def test_encoding_survives_ids_that_look_like_separators() -> None:
-    rows = make_rows(4, H0 + 1.5)
-    rows[1] = rows[1]._replace(cloud_id='a},{"b":1},{')
-    rows[2] = rows[2]._replace(cloud_id="line\nbreak")
-    data = encode_rows(rows)
-    assert len(data.splitlines()) == 4
-    assert decode_rows(data) == rows
-
-
-def test_segment_names_parse_back() -> None:
-    assert parse_segment_name("a-b.c-20251123T08-000042.ndjson.gz.open") == (
-        "a-b.c", H0, 42, True)
-    assert parse_segment_name("x-20251123T08-000001.ndjson.gz") == ("x", H0, 1, False)
-    assert parse_segment_name("seq") is None
 
 
 async def test_append_splits_by_hour_and_files_are_plain_gzip(tmp_path: Path) -> None:
@@ -91,11 +53,11 @@ async def test_append_splits_by_hour_and_files_are_plain_gzip(tmp_path: Path) ->
     # Each member is a complete gzip member: the whole file reads with gzip.open and zcat.
     path = tmp_path / names[1]
     with gzip.open(path, "rb") as fh:
-        assert decode_rows(fh.read()) == now + more
+        assert decode_readings(fh.read()) == now + more
     zcat = shutil.which("zcat")
     assert zcat is not None
     out = subprocess.run([zcat], stdin=path.open("rb"), capture_output=True, check=True).stdout
-    assert decode_rows(out) == now + more
+    assert decode_readings(out) == now + more
     # Member boundaries are where append said.
     raw = path.read_bytes()
     assert len(raw) == p2.end_offset
@@ -109,7 +71,7 @@ async def test_append_splits_by_hour_and_files_are_plain_gzip(tmp_path: Path) ->
     closed = sorted(os.listdir(tmp_path))
     assert not any(n.endswith(OPEN_SUFFIX) for n in closed)
     with gzip.open(tmp_path / positions[1].segment, "rb") as fh:
-        assert decode_rows(fh.read()) == now + more
+        assert decode_readings(fh.read()) == now + more
 
 
 async def test_rotation_by_clock_and_late_readings_open_a_new_segment(tmp_path: Path) -> None:
@@ -130,7 +92,7 @@ async def test_rotation_by_clock_and_late_readings_open_a_new_segment(tmp_path: 
     # A reading for the closed hour goes to a new segment, seq moved on.
     (late2,) = await spool.append(make_rows(1, H0 + 3000, first_id=9))
     assert late2.segment != p1.segment and late2.start_offset == 0
-    assert parse_segment_name(late2.segment)[1:3] == (H0, 2)  # type: ignore[index]
+    assert parse_segment_name(late2.segment)[1:3] == (H0, 2)
     assert (tmp_path / p1.segment).stat().st_size == late1.end_offset
     await spool.rotate()
     assert [s.name for s in spool.closed_segments()] == [p1.segment, late2.segment]
@@ -146,7 +108,7 @@ async def test_seq_survives_reopen_and_deletion(tmp_path: Path) -> None:
     spool = await opened(tmp_path, clock)
     # close() closed the hour: the same hour continues in a new segment.
     (b,) = await spool.append(make_rows(1, H0 + 1, first_id=2))
-    assert parse_segment_name(b.segment)[1:3] == (H0, 2)  # type: ignore[index]
+    assert parse_segment_name(b.segment)[1:3] == (H0, 2)
     await spool.close_all()
     await spool.delete(a.segment)
     await spool.delete(b.segment)
@@ -155,20 +117,20 @@ async def test_seq_survives_reopen_and_deletion(tmp_path: Path) -> None:
     # Every segment is gone; the state file still carries the sequence on.
     spool = await opened(tmp_path, clock)
     (c,) = await spool.append(make_rows(1, H0 + 2, first_id=3))
-    assert parse_segment_name(c.segment)[2] == 3  # type: ignore[index]
+    assert parse_segment_name(c.segment).seq == 3
     await spool.close()
     # A lost state file: the files present still win.
     (tmp_path / "inst-1.a.seq").unlink()
     spool = await opened(tmp_path, clock)
     (d,) = await spool.append(make_rows(1, H0 + 3, first_id=4))
-    assert parse_segment_name(d.segment)[2] == 4  # type: ignore[index]
+    assert parse_segment_name(d.segment).seq == 4
     await spool.close()
     # The state file all instances shared before each had its own is still
     # read (after an upgrade numbers never go back), and never written.
     (tmp_path / "seq").write_text("40\n")
     spool = await opened(tmp_path, clock)
     (e,) = await spool.append(make_rows(1, H0 + 4, first_id=5))
-    assert parse_segment_name(e.segment)[2] == 40  # type: ignore[index]
+    assert parse_segment_name(e.segment).seq == 40
     await spool.close()
     assert (tmp_path / "seq").read_text() == "40\n"
     assert (tmp_path / "inst-1.a.seq").read_text() == "41\n"
@@ -194,7 +156,7 @@ async def test_open_closes_stale_open_files_and_keeps_current_ones(tmp_path: Pat
 
 
 def _member(rows: list[Reading]) -> bytes:
-    return gzip.compress(encode_rows(rows), 3, mtime=0)
+    return gzip.compress(encode_readings(rows), 3, mtime=0)
 
 
 @settings(max_examples=40, deadline=None,
@@ -235,7 +197,7 @@ def test_torn_tail_is_cut_and_earlier_members_kept(
         if expected:
             assert path.read_bytes() == intact
             with gzip.open(path, "rb") as fh:
-                assert decode_rows(fh.read()) == expected
+                assert decode_readings(fh.read()) == expected
         else:
             assert not path.exists()  # nothing intact: the empty file is dropped at close
 
@@ -338,7 +300,7 @@ def test_members_are_found_across_read_chunks(monkeypatch: pytest.MonkeyPatch) -
     ends = list(itertools.accumulate(len(b) for b in blobs))
     found = list(spool_mod.walk_members(io.BytesIO(data), 0, len(data), want_data=True))
     assert [e for e, _ in found] == ends
-    assert [decode_rows(p) for _, p in found] == batches
+    assert [decode_readings(p) for _, p in found] == batches
     # Starting at a boundary and stopping at a limit inside a member.
     later = list(spool_mod.walk_members(io.BytesIO(data), ends[0], ends[2] - 1, want_data=False))
     assert [e for e, _ in later] == [ends[1]]

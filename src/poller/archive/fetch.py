@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
-from poller.archive.naming import parse_segment_name
 from poller.archive.replay import ArchiveReader
 from poller.archive.s3 import ArchiveError, ArchiveUnavailable
 from poller.archive.uploader import EVICTED_SUFFIX
 from poller.ingest.pgload import LoaderError
+from poller.segment import parse_segment_name
 
 if TYPE_CHECKING:
     from poller.ingest.pgload import PgLoader

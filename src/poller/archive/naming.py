@@ -1,8 +1,9 @@
-"""Segment file names and the archive keys they map to.
+"""The archive keys closed segment files map to.
 
-A closed spool segment is ``{instance}-{YYYYMMDDTHH}-{seq:06d}.ndjson.gz``
-(the UTC hour of its readings' ``tick_at``). Its archive key is Hive-style and
-depends on the name only, so a retried upload overwrites the same object::
+The segment file name (:mod:`poller.segment` owns its format) is
+``{instance}-{YYYYMMDDTHH}-{seq:06d}.ndjson.gz``. Its archive key is
+Hive-style and depends on the name only, so a retried upload overwrites the
+same object::
 
     >>> archive_key("poller", "gw-1-20240301T07-000003.ndjson.gz")
     'poller/readings/date=2024-03-01/hour=07/gw-1-000003.ndjson.gz'
@@ -10,34 +11,18 @@ depends on the name only, so a retried upload overwrites the same object::
 
 from __future__ import annotations
 
-import calendar
 import re
 import time
-from typing import NamedTuple
 
-SEGMENT_SUFFIX = ".ndjson.gz"
-_SEGMENT_RE = re.compile(
-    r"^(?P<instance>[A-Za-z0-9][A-Za-z0-9_.-]{0,62})-(?P<hour>\d{8}T\d{2})-(?P<seq>\d{6,})"
-    r"\.ndjson\.gz$")
+from poller.segment import INSTANCE_PATTERN, SegmentName, parse_hour, parse_segment_name
+from poller.segment import SUFFIX as SEGMENT_SUFFIX
+
+__all__ = ["SEGMENT_SUFFIX", "SegmentName", "archive_key", "date_prefix", "is_segment_name",
+           "parse_archive_key", "parse_segment_name", "readings_prefix"]
+
 _KEY_RE = re.compile(
     r"(?:^|/)readings/date=(?P<date>\d{4}-\d{2}-\d{2})/hour=(?P<hour>\d{2})/"
-    r"(?P<instance>[A-Za-z0-9][A-Za-z0-9_.-]{0,62})-(?P<seq>\d{6,})\.ndjson\.gz$")
-
-
-class SegmentName(NamedTuple):
-    instance: str
-    hour_epoch: int
-    """Start of the segment's UTC hour, Unix seconds."""
-    seq: int
-
-
-def parse_segment_name(name: str) -> SegmentName:
-    """Split a closed segment file name; ``ValueError`` for anything else."""
-    m = _SEGMENT_RE.match(name)
-    if m is None:
-        raise ValueError(f"not a closed segment name: {name!r}")
-    hour = _parse_hour(m.group("hour"), "%Y%m%dT%H", name)
-    return SegmentName(m.group("instance"), hour, int(m.group("seq")))
+    rf"(?P<instance>{INSTANCE_PATTERN})-(?P<seq>\d{{6,}})\.ndjson\.gz$")
 
 
 def is_segment_name(name: str) -> bool:
@@ -73,13 +58,6 @@ def parse_archive_key(key: str) -> SegmentName:
     m = _KEY_RE.search(key)
     if m is None:
         raise ValueError(f"not an archive segment key: {key!r}")
-    hour = _parse_hour(f"{m.group('date')}T{m.group('hour')}", "%Y-%m-%dT%H", key)
+    hour = parse_hour(f"{m.group('date')}T{m.group('hour')}", "%Y-%m-%dT%H", key)
     return SegmentName(m.group("instance"), hour, int(m.group("seq")))
 
-
-def _parse_hour(text: str, fmt: str, whole: str) -> int:
-    try:
-        parsed = time.strptime(text, fmt)
-    except ValueError:
-        raise ValueError(f"bad hour in {whole!r}") from None
-    return calendar.timegm(parsed)

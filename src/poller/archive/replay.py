@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
-import asyncpg  # type: ignore[import-untyped, unused-ignore]
-import orjson
+import asyncpg
 
 from poller.archive.naming import (
     SEGMENT_SUFFIX,
@@ -40,10 +39,11 @@ from poller.archive.naming import (
     readings_prefix,
 )
 from poller.archive.s3 import ArchiveError, ArchiveUnavailable
-from poller.db import connect
+from poller.db import Conn, ConnectionSource, connect
 from poller.ingest import quarantine
 from poller.ingest.pgcopy import row_problem
 from poller.reading import READING_COLUMNS, Reading
+from poller.segment import DecodeError, decode_line
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ReplayResult:
 async def replay(
     store: ArchiveReader,
     prefix: str,
-    pg_pool_or_url: asyncpg.Pool | str,
+    pg_pool_or_url: ConnectionSource | str,
     since: datetime,
     until: datetime,
     progress: Callable[[int, int], None] | None = None,
@@ -193,7 +193,7 @@ async def _select_keys(store: ArchiveReader, prefix: str, since_s: float,
     return [key for _, key in found]
 
 
-async def _replay_object(store: ArchiveReader, conn: asyncpg.Connection, key: str,
+async def _replay_object(store: ArchiveReader, conn: Conn, key: str,
                          since_s: float, until_s: float, batch_rows: int,
                          tally: _Tally) -> None:
     await conn.execute(f"TRUNCATE {_STAGING}")
@@ -235,7 +235,7 @@ async def _replay_object(store: ArchiveReader, conn: asyncpg.Connection, key: st
             tally.quarantined += await quarantine.insert(conn, instance, segment, rows)
 
 
-async def _move(conn: asyncpg.Connection, key: str,
+async def _move(conn: Conn, key: str,
                 tally: _Tally) -> list[quarantine.Quarantined]:
     """Move the staged rows into ``readings``; the rows Postgres refuses
     (found a half at a time, see :func:`quarantine.bisect`) are returned."""
@@ -270,7 +270,7 @@ def _segment_of(key: str) -> tuple[str, str]:
     return seg.instance, f"{seg.instance}-{hour}-{seg.seq:06d}{SEGMENT_SUFFIX}"
 
 
-async def _stage(conn: asyncpg.Connection, batch: list[Record]) -> None:
+async def _stage(conn: Conn, batch: list[Record]) -> None:
     await conn.copy_records_to_table(_STAGING, records=batch, columns=_STAGED_COLUMNS)
     batch.clear()
 
@@ -341,8 +341,8 @@ class _ObjectDecoder:
             if not raw.strip():
                 continue
             try:
-                tick_s, record = _to_record(orjson.loads(raw))
-            except orjson.JSONDecodeError as exc:
+                tick_s, record = _to_record(decode_line(raw))
+            except DecodeError as exc:
                 tally.problem(self._key, self._line, "not valid JSON; quarantined")
                 self.quarantined.append(
                     quarantine.quarantined(self._line, raw, f"not JSON: {exc}"))
@@ -416,10 +416,10 @@ def _utc_seconds(moment: datetime) -> float:
 
 
 @asynccontextmanager
-async def _connection(pg: asyncpg.Pool | str) -> AsyncIterator[asyncpg.Connection]:
+async def _connection(pg: ConnectionSource | str) -> AsyncIterator[Conn]:
     # The staging table is per session, so the whole replay uses one connection.
     if isinstance(pg, str):
-        conn = await connect(pg)
+        conn: Conn = await connect(pg)
         try:
             yield conn
         finally:

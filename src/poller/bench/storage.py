@@ -18,8 +18,8 @@ from poller import db
 from poller.archive.naming import parse_archive_key
 from poller.archive.s3 import ArchiveError, ArchiveStore
 from poller.config import Settings
-from poller.ingest.spool import parse_segment_name
 from poller.registry import CHANNEL, RESYNC_ALL
+from poller.segment import parse_segment_name
 from poller.simulator.fleet import cloud_id_for
 
 
@@ -67,10 +67,12 @@ def archive_bytes(settings: Settings, spools: Sequence[Path],
         if not spool.is_dir():
             continue
         for path in spool.iterdir():
-            parsed = parse_segment_name(path.name)
-            if parsed is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    sizes[(parsed[0], parsed[2])] = path.stat().st_size
+            try:
+                parsed = parse_segment_name(path.name, open_ok=True)
+            except ValueError:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                sizes[(parsed.instance, parsed.seq)] = path.stat().st_size
 
     async def listing() -> list[tuple[str, int]]:
         s3 = settings.s3

@@ -34,13 +34,13 @@ import logging
 import sys
 import time
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import closing
+from contextlib import AbstractAsyncContextManager, closing
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import asyncpg
-import orjson
 
+from poller.db import Conn, ConnectionSource
 from poller.endpoints import redact_url
 from poller.errors import PollerError
 from poller.ingest import quarantine
@@ -48,6 +48,7 @@ from poller.ingest.pgcopy import ENCODE_ERRORS, as_source, encode_rows
 from poller.ingest.quarantine import SortedLines, sort_lines
 from poller.ingest.spool import Spool, SpoolPosition
 from poller.reading import READING_COLUMNS, Reading
+from poller.segment import decode_records
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +133,6 @@ class _Chunk:
         """Set when the members were sorted out line by line."""
 
 
-def records_from_ndjson(ndjson: bytes) -> tuple[list[Record], set[int]]:
-    """``reading[:8]`` tuples and UTC days of one spool member, straight from
-    its NDJSON, skipping Reading objects (catch-up's main cost after COPY)."""
-    if not ndjson:
-        return [], set()
-    objects = orjson.loads(b"[" + ndjson.rstrip(b"\n").replace(b"\n", b",") + b"]")
-    records: list[Record] = []
-    append = records.append
-    days: set[int] = set()
-    day = -1
-    for o in objects:
-        tick = o["tick_at"]
-        append((o["device_id"], tick, o["device_at"], o["received_at"], o["demand_w"],
-                o["delivered_wh"], o["received_wh"], o["price"]))
-        d = int(tick // DAY_S)
-        if d != day:
-            days.add(d)
-            day = d
-    return records, days
-
-
 def _take(members: Iterator[tuple[int, bytes]], max_rows: int, until: int | None,
           line_by_line: bool = False) -> _Chunk | None:
     end = -1
@@ -167,7 +147,7 @@ def _take(members: Iterator[tuple[int, bytes]], max_rows: int, until: int | None
         lines += member_lines
         if sound:
             try:
-                member_records, member_days = records_from_ndjson(payload)
+                member_records, member_days = decode_records(payload)
             except (ValueError, KeyError, TypeError, OverflowError):
                 sound = False  # orjson.JSONDecodeError is a ValueError
             else:
@@ -212,7 +192,7 @@ class PgLoader:
     small pool that connects lazily, so it starts while Postgres is down).
     """
 
-    def __init__(self, pool_or_url: asyncpg.Pool | str, instance_id: str, spool: Spool, *,
+    def __init__(self, pool_or_url: ConnectionSource | str, instance_id: str, spool: Spool, *,
                  strategy: Strategy = "copy-first", catch_up_rows: int = 100_000,
                  timeout_s: float = 60.0) -> None:
         if not instance_id:
@@ -227,8 +207,10 @@ class PgLoader:
         self.timeout_s = timeout_s
         self._spool = spool
         self._url = pool_or_url if isinstance(pool_or_url, str) else None
-        self._pool: asyncpg.Pool | None = None if isinstance(pool_or_url, str) else pool_or_url
-        self._owns_pool = isinstance(pool_or_url, str)
+        self._pool: ConnectionSource | None = \
+            None if isinstance(pool_or_url, str) else pool_or_url
+        self._own_pool: asyncpg.Pool | None = None
+        """The pool made from the URL: the loader closes this one only."""
         self._days: set[int] = set()
         # segment -> end offset known committed; see is_loaded().
         self._loaded: dict[str, int] = {}
@@ -248,16 +230,17 @@ class PgLoader:
 
     async def start(self) -> None:
         if self._pool is None and self._url is not None:
-            self._pool = await asyncpg.create_pool(
+            self._pool = self._own_pool = await asyncpg.create_pool(
                 self._url, min_size=0, max_size=2, timeout=self.timeout_s)
 
     async def stop(self) -> None:
         """Close the pool if the loader made it. Idempotent."""
-        if self._owns_pool and self._pool is not None:
-            pool, self._pool = self._pool, None
+        pool, self._own_pool = self._own_pool, None
+        if pool is not None:
+            self._pool = None
             await pool.close()
 
-    def _acquire(self) -> Any:
+    def _acquire(self) -> AbstractAsyncContextManager[Conn]:
         if self._pool is None:
             raise RuntimeError("PgLoader.start() was not called")
         return self._pool.acquire(timeout=self.timeout_s)
@@ -470,7 +453,7 @@ class PgLoader:
                 raise LoaderError(f"loader: {position.segment} up to {position.end_offset}: "
                                   f"{type(exc).__name__}: {exc}") from exc
 
-    async def _transaction(self, conn: asyncpg.Connection, position: SpoolPosition,
+    async def _transaction(self, conn: Conn, position: SpoolPosition,
                            data: bytes, rows: int, staged: bool,
                            lines: SortedLines | None) -> int:
         timeout = self.timeout_s
@@ -496,7 +479,7 @@ class PgLoader:
         self.rows_quarantined += quarantined
         return inserted
 
-    async def _copy(self, conn: asyncpg.Connection, data: bytes, staged: bool, *,
+    async def _copy(self, conn: Conn, data: bytes, staged: bool, *,
                     empty_stage: bool = False) -> int:
         timeout = self.timeout_s
         if staged:
@@ -512,7 +495,7 @@ class PgLoader:
                 columns=READING_COLUMNS, timeout=timeout)
         return int(status.rsplit(" ", 1)[1])
 
-    async def _copy_or_quarantine(self, conn: asyncpg.Connection, segment: str,
+    async def _copy_or_quarantine(self, conn: Conn, segment: str,
                                   lines: SortedLines, staged: bool,
                                   line_base: int) -> tuple[int, int]:
         """COPY the lines' readings, quarantine what PostgreSQL refuses and the
@@ -551,7 +534,7 @@ class PgLoader:
                         first.reason)
         return inserted, quarantined
 
-    async def _unpartitioned(self, conn: asyncpg.Connection,
+    async def _unpartitioned(self, conn: Conn,
                              days: set[int]) -> dict[int, str]:
         """The days among ``days`` that no partition of ``readings`` takes,
         with PostgreSQL's reason: a probe row per day, always rolled back."""
@@ -578,7 +561,7 @@ class PgLoader:
         if end_offset > self._loaded.get(segment, -1):
             self._loaded[segment] = end_offset
 
-    async def _ensure_partitions(self, conn: asyncpg.Connection, days: set[int]) -> None:
+    async def _ensure_partitions(self, conn: Conn, days: set[int]) -> None:
         missing = sorted(days - self._days)
         if not missing:
             return
@@ -597,7 +580,7 @@ class PgLoader:
                                f"{exc}") from exc
             self._days.update(range(first, last + 1))
 
-    async def _ensure_each_partition(self, conn: asyncpg.Connection, segment: str,
+    async def _ensure_each_partition(self, conn: Conn, segment: str,
                                      days: set[int]) -> None:
         """Make each day's partition on its own, whatever this process
         believes exists; a day whose partition cannot be made is logged, and

@@ -23,9 +23,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import asyncpg
-import orjson
 
+from poller.db import Conn
 from poller.ingest.pgcopy import END_S, MIN_S, encode_valid
+from poller.segment import DecodeError, decode_line
 
 DAY_S = 86400
 RAW_MAX_CHARS = 16_384
@@ -152,8 +153,8 @@ def sort_lines(payloads: Iterable[bytes]) -> SortedLines:
             if not raw.strip():
                 continue
             try:
-                record = _record(orjson.loads(raw))
-            except orjson.JSONDecodeError as exc:
+                record = _record(decode_line(raw))
+            except DecodeError as exc:
                 out.quarantined.append(quarantined(n, raw, f"not JSON: {exc}"))
                 continue
             except _NotAReading as exc:
@@ -193,7 +194,7 @@ def _record(doc: Any) -> Record:
 Attempt = Callable[[Sequence[int]], Awaitable[int]]
 
 
-async def bisect(conn: asyncpg.Connection, items: Sequence[int],
+async def bisect(conn: Conn, items: Sequence[int],
                  attempt: Attempt) -> tuple[int, list[tuple[int, str]]]:
     """Run ``attempt(part)`` over ``items`` in savepoints, halving any part
     PostgreSQL refuses until the refused items stand alone.
@@ -228,7 +229,7 @@ async def bisect(conn: asyncpg.Connection, items: Sequence[int],
     return done, refused
 
 
-async def insert(conn: asyncpg.Connection, instance_id: str, segment: str,
+async def insert(conn: Conn, instance_id: str, segment: str,
                  rows: Sequence[Quarantined], *, line_base: int = 0,
                  timeout: float | None = None) -> int:
     """Insert ``rows`` (their lines shifted by ``line_base``); return how many

@@ -35,14 +35,12 @@ comes out as a :class:`SpoolError` and is counted in ``io_errors``.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import enum
 import errno
 import fcntl
 import gzip
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -50,31 +48,30 @@ import zlib
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, TypeVar
 
-import orjson
-
 from poller.errors import PollerError
 from poller.reading import Reading
+from poller.segment import (
+    OPEN_SUFFIX,
+    decode_readings,
+    encode_readings,
+    hour_label,
+    is_instance_id,
+    parse_segment_name,
+    segment_name,
+)
 
 log = logging.getLogger(__name__)
 
 HOUR_S = 3600
-SUFFIX = ".ndjson.gz"
-OPEN_SUFFIX = ".open"
 SEQ_FILE = "seq"
 """The sequence file every instance shared before each got its own
 (``{instance}.seq``); still read, so numbers never go back after an upgrade."""
 # Level 3 costs about as much CPU as level 1 here and writes smaller files.
 COMPRESS_LEVEL = 3
 _READ_CHUNK = 1 << 20
-_NAME_RE = re.compile(r"^(?P<instance>.+)-(?P<hour>\d{8}T\d{2})-(?P<seq>\d{6,})"
-                      + re.escape(SUFFIX) + r"(?P<open>" + re.escape(OPEN_SUFFIX) + r")?$")
-_FIELDS = Reading._fields
-_from_dict = itemgetter(*_FIELDS)
-_APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
 _T = TypeVar("_T")
 
 
@@ -155,50 +152,6 @@ class _OpenSegment:
         return SegmentInfo(self.name, self.hour, self.seq, self.size, False)
 
 
-def hour_label(hour: int) -> str:
-    return time.strftime("%Y%m%dT%H", time.gmtime(hour))
-
-
-def parse_segment_name(name: str) -> tuple[str, int, int, bool] | None:
-    """``(instance, hour, seq, is_open)`` of a segment file name, None if not one."""
-    match = _NAME_RE.match(name)
-    if match is None:
-        return None
-    hour = calendar.timegm(time.strptime(match["hour"], "%Y%m%dT%H"))
-    return match["instance"], hour, int(match["seq"]), match["open"] is not None
-
-
-def encode_rows(rows: Sequence[Reading]) -> bytes:
-    """NDJSON, one object per reading with the Reading field names."""
-    if not rows:
-        return b""
-    # One dumps() over the batch costs 0.6 µs a row, one per row 2 µs
-    # (measured): encode the batch as an array and turn the separators
-    # between its flat objects into newlines. A string holding "},{" would
-    # break that; registered ids cannot, but check and fall back anyway.
-    array = orjson.dumps([
-        {"device_id": a, "tick_at": b, "device_at": c, "received_at": d, "demand_w": e,
-         "delivered_wh": f, "received_wh": g, "price": h, "cloud_id": i}
-        for a, b, c, d, e, f, g, h, i in rows])
-    body = array[1:-1]
-    if body.count(b"},{") == len(rows) - 1:
-        return body.replace(b"},{", b"}\n{") + b"\n"
-    dumps = orjson.dumps
-    return b"".join([dumps(dict(zip(Reading._fields, r, strict=True)), option=_APPEND_NEWLINE)
-                     for r in rows])
-
-
-def decode_rows(ndjson: bytes) -> list[Reading]:
-    if not ndjson:
-        return []
-    # orjson escapes newlines inside strings, so each raw newline ends one
-    # object: one loads() over a JSON array beats one per line.
-    objects = orjson.loads(b"[" + ndjson.rstrip(b"\n").replace(b"\n", b",") + b"]")
-    new = tuple.__new__
-    getter = _from_dict
-    return [new(Reading, getter(obj)) for obj in objects]
-
-
 def walk_members(fh: BinaryIO, start: int, limit: int,
                  want_data: bool) -> Iterator[tuple[int, bytes]]:
     """Yield ``(end_offset, payload)`` for each intact gzip member in
@@ -266,8 +219,10 @@ class Spool:
                  clock: Callable[[], float] = time.time, *, grace_s: float = 30.0,
                  max_bytes: int = 0, max_disk_fraction: float = 1.0,
                  high_water_fraction: float = 0.5) -> None:
-        if not instance_id or "/" in instance_id:
-            raise ValueError(f"instance_id must be a non-empty file name part, got {instance_id!r}")
+        if not is_instance_id(instance_id):
+            # Segment names carry it, and only this rule parses back.
+            raise ValueError("instance_id must be 1-63 of A-Z a-z 0-9 _ . - (a letter or "
+                             f"digit first), got {instance_id!r}")
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s!r}")
         if max_bytes < 0:
@@ -463,7 +418,7 @@ class Spool:
         """
         with closing(self.read_raw_members(segment, from_offset)) as members:
             for end, payload in members:
-                yield end, decode_rows(payload)
+                yield end, decode_readings(payload)
 
     def read_raw_members(self, segment: str, from_offset: int = 0
                          ) -> Generator[tuple[int, bytes], None, None]:
@@ -515,12 +470,14 @@ class Spool:
         max_seq = 0
         open_files: list[tuple[int, int, str]] = []
         for entry in os.scandir(self.directory):
-            parsed = parse_segment_name(entry.name)
-            if parsed is None or parsed[0] != self.instance_id:
+            try:
+                _, hour, seq = parsed = parse_segment_name(entry.name, open_ok=True)
+            except ValueError:
+                continue  # not a segment (a lock, a marker, a stray file)
+            if parsed.instance != self.instance_id:
                 continue
-            _, hour, seq, is_open = parsed
             max_seq = max(max_seq, seq)
-            if is_open:
+            if entry.name.endswith(OPEN_SUFFIX):
                 open_files.append((hour, seq, entry.name[: -len(OPEN_SUFFIX)]))
             else:
                 self._closed[entry.name] = SegmentInfo(
@@ -592,7 +549,7 @@ class Spool:
         # numbers, never a number used twice.
         self._write_seq_file(seq + 1)
         self._next_seq = seq + 1
-        name = f"{self.instance_id}-{hour_label(hour)}-{seq:06d}{SUFFIX}"
+        name = segment_name(self.instance_id, hour, seq)
         fd = os.open(self.path_of(name, closed=False),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         _fsync_dir(self.directory)
@@ -613,7 +570,7 @@ class Spool:
         # Every member is made before any is written: a failure to encode
         # then leaves the whole batch unwritten, never a part of it.
         members = [(hour, len(by_hour[hour]),
-                    gzip.compress(encode_rows(by_hour[hour]), COMPRESS_LEVEL, mtime=0))
+                    gzip.compress(encode_readings(by_hour[hour]), COMPRESS_LEVEL, mtime=0))
                    for hour in sorted(by_hour)]
         room = self._usage(enforced=True).ceiling_bytes - self.pending_bytes
         positions: list[SpoolPosition] = []
@@ -710,8 +667,11 @@ class Spool:
         return closed
 
     def _delete_sync(self, segment: str) -> None:
-        parsed = parse_segment_name(segment)
-        if parsed is None or parsed[0] != self.instance_id:
+        try:
+            mine = parse_segment_name(segment).instance == self.instance_id
+        except ValueError:
+            mine = False
+        if not mine:
             raise SpoolError(f"spool: {segment} is not a segment of instance "
                              f"{self.instance_id!r}; left alone")
         with self._lock:
