@@ -31,7 +31,7 @@ help:
 	@echo "make run      start the embedded stack and poller serve"
 	@echo "make test     run the whole test suite against real servers (and test-minver)"
 	@echo "make test-minver  a smoke subset on the lowest dependency versions allowed"
-	@echo "make lint     ruff and mypy --strict on src/"
+	@echo "make lint     ruff and mypy --strict on src/ and tests/"
 	@echo "make bench    throughput, lateness, CPU and memory per device"
 	@echo "make install-service   install the systemd unit (DRY_RUN=1 to preview)"
 	@echo "make clean    stop the embedded stack, remove the venv and state"
@@ -70,7 +70,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
-	$(BIN)/mypy --strict src/poller
+	$(BIN)/mypy --strict src/poller tests
 
 # Installs scripts/poller.service (and the poller@ template) into systemd,
 # creates the poller user and /var/lib/poller; DRY_RUN=1 prints the steps.

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 import poller.clock
 import poller.polling.schedule
 from poller.api.metrics import make_registry
+from poller.api.view import FleetSnapshot
 from poller.clock import Clock, FakeClock, LoopClock, settle
 from poller.polling.stats import LogHistogram
 from tests.apiview import fixed_snapshot
@@ -126,7 +127,7 @@ async def test_the_loop_clock_is_the_system_clocks_and_the_loops_timers() -> Non
 
 def test_steps_and_conflicts_are_exported_as_counters() -> None:
     class View:
-        def fleet(self) -> Any:
+        def fleet(self) -> FleetSnapshot:
             return fixed_snapshot(clock_steps=2, tick_conflicts=40)
 
         def lateness(self) -> LogHistogram:
@@ -137,7 +138,7 @@ def test_steps_and_conflicts_are_exported_as_counters() -> None:
         def loop_responsive(self) -> bool:
             return True
 
-    text = generate_latest(make_registry(View())).decode()  # type: ignore[arg-type]
+    text = generate_latest(make_registry(View())).decode()
     assert "poller_clock_steps_total 2.0" in text
     assert "poller_tick_conflicts_total 40.0" in text
 

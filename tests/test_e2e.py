@@ -28,6 +28,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from poller import config, keys, sealing
+from poller.api.view import FleetSnapshot
 from poller.archive.s3 import ArchiveStore
 from poller.config import Settings
 from poller.netpolicy import NetPolicy
@@ -156,6 +157,11 @@ async def _assert_complete(run: Run) -> collections.Counter[Key]:
     return served
 
 
+def _fleet(service: Service) -> FleetSnapshot:
+    assert service.view is not None, "the service is not started"
+    return service.view.fleet()
+
+
 def _diff(a: collections.Counter[Key], b: collections.Counter[Key]) -> str:
     return f"missing {sum((a - b).values())}, extra {sum((b - a).values())}"
 
@@ -175,7 +181,7 @@ async def test_clean_run_everything_everywhere(run: Run) -> None:
     assert doc["total_events_logged"] == per_device
     assert doc["state"] == "stopped"
     assert doc["first_timestamp"] <= doc["last_timestamp"]
-    assert service.view.fleet().rows_committed == sum(served.values())
+    assert _fleet(service).rows_committed == sum(served.values())
 
 
 async def test_postgres_outage_loses_nothing(run: Run) -> None:
@@ -184,8 +190,8 @@ async def test_postgres_outage_loses_nothing(run: Run) -> None:
         await asyncio.to_thread(run.stack.stack.stop_component, "postgres")
         try:
             await asyncio.sleep(2.0)
-            assert not service.view.fleet().postgres_up
-            assert service.view.fleet().polls_by_outcome["ok"] > 0  # polling goes on
+            assert not _fleet(service).postgres_up
+            assert _fleet(service).polls_by_outcome["ok"] > 0  # polling goes on
         finally:
             await asyncio.to_thread(run.stack.stack.start_component, "postgres")
 
@@ -217,11 +223,11 @@ async def test_valkey_outage_state_rebuilt(run: Run) -> None:
         await asyncio.to_thread(run.stack.stack.stop_component, "valkey")
         try:
             await asyncio.sleep(2.0)
-            assert not service.view.fleet().redis_up
+            assert not _fleet(service).redis_up
         finally:
             await asyncio.to_thread(run.stack.stack.start_component, "valkey")
         await asyncio.sleep(1.5)
-        assert service.view.fleet().redis_up
+        assert _fleet(service).redis_up
 
     await _serve_for(run, 1.0, outage)
     await _assert_complete(run)
@@ -395,7 +401,9 @@ async def test_redis_counters_continue_across_restarts(run: Run) -> None:
         await conn.close()
     client = aioredis.from_url(run.settings.redis.url)
     try:
-        doc = orjson.loads(await client.hget(keys.STATE, "f00002"))
+        state = await client.hget(keys.STATE, "f00002")
+        assert state is not None
+        doc = orjson.loads(state)
     finally:
         await client.aclose()
     assert stored > 3

@@ -23,6 +23,14 @@ def test_batch_equals_one_at_a_time(rows: list[Reading]) -> None:
         assert orjson.loads(doc)["tick_at"] == r.tick_at
 
 
+def _raw(found: dict[bytes | str, bytes | str]) -> dict[bytes, bytes]:
+    """A hash as these clients read it (no decode_responses): all bytes, which
+    redis' types cannot tell from str."""
+    raw = {k: v for k, v in found.items() if isinstance(k, bytes) and isinstance(v, bytes)}
+    assert len(raw) == len(found), "a str in a hash read without decode_responses"
+    return raw
+
+
 def test_hset_command_is_what_redis_reads(stack: RunningStack) -> None:
     import asyncio
     import uuid
@@ -43,7 +51,7 @@ def test_hset_command_is_what_redis_reads(stack: RunningStack) -> None:
                 assert await conn.read_response() == 3
             finally:
                 await client.connection_pool.release(conn)
-            return await client.hgetall(key)  # type: ignore[no-any-return]
+            return _raw(await client.hgetall(key))
         finally:
             await client.aclose()
 
@@ -117,7 +125,7 @@ def test_a_large_flush_lets_the_loop_run_and_writes_everything(stack: RunningSta
             await live.flush()
             done.set()
             await task
-            return await client.hgetall(keys.LATEST), await client.hgetall(keys.STATE)
+            return _raw(await client.hgetall(keys.LATEST)), _raw(await client.hgetall(keys.STATE))
         finally:
             await live.close()
             await client.flushdb()
@@ -141,6 +149,7 @@ def test_counters_continue_from_redis_for_own_devices_only(stack: RunningStack) 
 
     import orjson
     import redis.asyncio as aioredis
+    from redis.typing import EncodableT
 
     from poller import keys
     from poller.ingest.livestate import LiveState
@@ -157,21 +166,25 @@ def test_counters_continue_from_redis_for_own_devices_only(stack: RunningStack) 
     url = stack.info.redis_url.rsplit("/", 1)[0] + "/9"
     before = {"cloud_id": row.cloud_id, "state": "ok", "total_events_logged": 7,
               "first_timestamp": 1_700_000_000.0, "failures": {"timeout": 2}}
-    others = {f"other-{i}": orjson.dumps({"total_events_logged": i}) for i in range(300)}
+    # Typed as hset takes it (its Mapping's key type is invariant).
+    others: dict[EncodableT, EncodableT] = {
+        f"other-{i}": orjson.dumps({"total_events_logged": i}) for i in range(300)}
 
     async def run() -> tuple[dict[str, object], dict[bytes, bytes]]:
         client = aioredis.from_url(url)
         live = LiveState(url, lambda: [mine], lambda: [mine])
         try:
             await client.flushdb()
-            await client.hset(keys.STATE, mapping={row.cloud_id: orjson.dumps(before),
-                                                   **others})
+            stored = {row.cloud_id: orjson.dumps(before), **others}
+            await client.hset(keys.STATE, mapping=stored)
             await live.start()
             mine.readings += 1  # one more poll, then the next flush
             mine.state_changed = True
             await live.flush()
-            doc = orjson.loads(await client.hget(keys.STATE, row.cloud_id))
-            rest = await client.hgetall(keys.STATE)
+            written = await client.hget(keys.STATE, row.cloud_id)
+            assert written is not None
+            doc = orjson.loads(written)
+            rest = _raw(await client.hgetall(keys.STATE))
             # Nothing of the other devices stays in the writer's memory.
             held = [v for v in vars(live).values() if isinstance(v, dict)]
             assert not [d for d in held if "other-0" in d or b"other-0" in d]

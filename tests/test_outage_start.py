@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 from poller import db, sealing, snapshot
+from poller.config import Shard
 from poller.db import instance_lock_key
 from poller.migrate import migrate
 from poller.netpolicy import NetPolicy
@@ -197,10 +198,10 @@ async def test_the_snapshot_holds_what_specs_reads_with_secrets_sealed(
         await reg.update("000003", enabled=False)
         await reg.remove("000004")
         path = tmp_path / "registry.json"
-        for shard in ((0, 1), (1, 2)):
+        for shard in (Shard(0, 1), Shard(1, 2)):
             written = await snapshot.save(conn, box, path, shard)
             specs, _ = snapshot.load(path, box, shard)
-            wanted = {i: v for i, v in (await reg.specs()).items() if i % shard[1] == shard[0]}
+            wanted = {i: v for i, v in (await reg.specs()).items() if i % shard.n == shard.k}
             assert written == len(wanted) and specs == wanted
     finally:
         await conn.close()
@@ -209,10 +210,10 @@ async def test_the_snapshot_holds_what_specs_reads_with_secrets_sealed(
     assert not any(p.encode() in data for p in passwords.values())
     assert not (tmp_path / "registry.json.tmp").exists()
     with pytest.raises(snapshot.SnapshotError, match="shard 1/2, this instance polls 0/1"):
-        snapshot.load(path, box, (0, 1))
+        snapshot.load(path, box, Shard(0, 1))
     # Another key opens nothing: every device is skipped (and logged), as
     # Registry.specs does.
-    assert snapshot.load(path, sealing.SecretBox(sealing.generate_key()), (1, 2))[0] == {}
+    assert snapshot.load(path, sealing.SecretBox(sealing.generate_key()), Shard(1, 2))[0] == {}
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(snapshot.SnapshotError, match="malformed registry snapshot"):
-        snapshot.load(path, box, (1, 2))
+        snapshot.load(path, box, Shard(1, 2))

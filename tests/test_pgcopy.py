@@ -104,8 +104,9 @@ def test_every_null_pattern_round_trips(copy_db: str) -> None:
     for mask in range(32):
         fields = [None if mask & (1 << i) else 100.25 * (i + 1) for i in range(5)]
         device_at = None if fields[0] is None else 1_800_000_000.123456
+        demand, delivered, received, price = fields[1:]
         rows.append(Reading(mask + 1, 1_800_000_000.5, device_at, 1_800_000_001.75,
-                            *fields[1:], "c"))
+                            demand, delivered, received, price, "c"))
     ours, theirs = asyncio.run(_both_ways(copy_db, rows))
     assert ours == theirs
     assert None not in ours[0]

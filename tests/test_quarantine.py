@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from poller.api.metrics import make_registry, render
+from poller.api.view import FleetSnapshot
 from poller.archive.naming import archive_key
 from poller.archive.replay import replay
 from poller.archive.s3 import ArchiveStore
@@ -184,9 +185,10 @@ async def test_poison_lines_are_quarantined_and_everything_else_loads(
         assert loader.rows_loaded == len(GOOD_ROWS)
         # The checkpoint is at the end: the segment counts as loaded (so the
         # uploader may delete it once archived) and nothing waits behind it.
-        assert await pool.fetchrow(
-            "SELECT end_offset, rows FROM ingest_checkpoints WHERE segment = $1",
-            SEGMENT) == (path.stat().st_size, lines_in_all)
+        checkpoint = await pool.fetchrow(
+            "SELECT end_offset, rows FROM ingest_checkpoints WHERE segment = $1", SEGMENT)
+        assert checkpoint is not None
+        assert tuple(checkpoint) == (path.stat().st_size, lines_in_all)
         assert loader.is_loaded(SEGMENT)
         assert loader.segments_refused == 0
 
@@ -339,7 +341,7 @@ class _View:
     def __init__(self, rows_quarantined: int) -> None:
         self.snapshot = fixed_snapshot(rows_quarantined=rows_quarantined)
 
-    def fleet(self) -> Any:
+    def fleet(self) -> FleetSnapshot:
         return self.snapshot
 
     def lateness(self) -> LogHistogram:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -85,12 +86,13 @@ async def test_registry_round_trip_and_rejections(fresh_db: str,
         for bad in (dict(cloud_id="xyz"), dict(email="not-an-email"),
                     dict(url="ftp://host"), dict(url="http://user:pw@host"),
                     dict(driver="nope"), dict(interval_s=0)):
-            args = dict(cloud_id="00ab12", email="a@b.example", driver="eagle-cloud",
-                        url=None, interval_s=6.0, options={}, secret=PASSWORD)
-            args.update(bad)  # type: ignore[arg-type]
+            args: dict[str, Any] = dict(cloud_id="00ab12", email="a@b.example",
+                                        driver="eagle-cloud", url=None, interval_s=6.0,
+                                        options={}, secret=PASSWORD)
+            args.update(bad)
             cid = args.pop("cloud_id")
             with pytest.raises(UsageError):
-                await reg.add(str(cid), **args)  # type: ignore[arg-type]
+                await reg.add(str(cid), **args)
         updated = await reg.update("00ce69", interval_s=10, secret="new-secret")
         assert updated.interval_s == 10
         assert updated.updated_at > updated.created_at == rec.created_at
@@ -137,7 +139,7 @@ async def test_moving_a_device_needs_its_password_again(fresh_db: str) -> None:
         for change in (dict(url="http://192.168.1.51"), dict(url="https://192.168.1.50"),
                        dict(clear_url=True, driver="eagle-cloud"), dict(driver="http-json")):
             with pytest.raises(UsageError, match="needs its password again") as caught:
-                await reg.update("00ab12", **change)  # type: ignore[arg-type]
+                await reg.update("00ab12", **change)
             assert "never sent to a new address" in str(caught.value)
         after = await reg.get("00ab12")
         assert (after.url, after.driver, after.updated_at) == (rec.url, rec.driver,

@@ -4,6 +4,7 @@ bench reports them as one poller."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from poller import migrate, sealing
 from poller.bench.measure import Histogram, Scrape
 from poller.bench.serves import merge_fleets, merge_scrapes
-from poller.config import PollingSettings, load, parse_shard
+from poller.config import EVERY_DEVICE, PollingSettings, Shard, as_dict, load, parse_shard
 from poller.errors import ConfigError
 from poller.netpolicy import DEFAULT_DENIED_NETWORKS, LOOPBACK_NETWORKS, NetPolicy
 from poller.polling.memsink import MemorySink
@@ -27,14 +28,21 @@ def test_bad_shards_are_refused_with_the_key(raw: str) -> None:
         load(env={"POLLER_POLLING_SHARD": raw}, config_path=None)
 
 
-def test_shard_parses() -> None:
-    assert parse_shard("polling.shard", " 3/4 ") == (3, 4)
-    assert load(env={"POLLER_POLLING_SHARD": "0/1"}, config_path=None).polling.shard == "0/1"
+def test_shard_parses_once_and_shows_as_written() -> None:
+    assert parse_shard("polling.shard", " 3/4 ") == Shard(3, 4)
+    settings = load(env={"POLLER_POLLING_SHARD": "1/4"}, config_path=None)
+    assert settings.polling.shard == Shard(1, 4)
+    assert [i for i in range(10) if settings.polling.shard.owns(i)] == [1, 5, 9]
+    assert as_dict(settings)["polling"]["shard"] == "1/4"
+    unsharded = load(env={}, config_path=None)
+    assert unsharded.polling.shard is None
+    assert as_dict(unsharded)["polling"]["shard"] == ""
+    assert all(EVERY_DEVICE.owns(i) for i in range(10))
 
 
-async def _until(predicate: object, timeout_s: float = 5.0) -> None:
+async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.05)
 
@@ -59,7 +67,7 @@ async def test_two_shards_split_the_registry_and_its_changes(fresh_db: str) -> N
                               seed="s")
             await pool.start()
             watcher = RegistryWatcher(fresh_db, sealing.SecretBox(key), pool, 60.0,
-                                      shard=(k, 2))
+                                      shard=Shard(k, 2))
             await watcher.start()
             clients.append(client)
             pools.append(pool)

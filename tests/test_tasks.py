@@ -145,12 +145,11 @@ def test_task_restarts_are_exposed_as_a_counter_per_task() -> None:
     from prometheus_client import generate_latest
 
     from poller.api.metrics import make_registry
-    from poller.api.view import ServiceView
     from poller.sealing import SecretBox, generate_key
     from tests.apiview import FakeFleetView, fixed_snapshot, settings_with
 
     view = FakeFleetView(settings_with(), SecretBox(generate_key()), cast(Any, None), None,
                          snapshot=fixed_snapshot(task_restarts={"database": 3, "heartbeat": 0}))
-    text = generate_latest(make_registry(cast(ServiceView, view))).decode()
+    text = generate_latest(make_registry(view)).decode()
     assert 'poller_task_restarts_total{task="database"} 3.0' in text
     assert 'poller_task_restarts_total{task="heartbeat"} 0.0' in text

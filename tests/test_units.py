@@ -13,7 +13,6 @@ import pytest
 from prometheus_client import generate_latest
 
 from poller.api.metrics import make_registry
-from poller.api.view import ServiceView
 from poller.check import Thresholds
 from poller.config import IngestSettings
 from poller.sealing import SecretBox, generate_key
@@ -170,7 +169,7 @@ def parse_rules(text: str) -> list[dict[str, Any]]:
 
 def exposed_metric_names() -> set[str]:
     view = FakeFleetView(settings_with(), SecretBox(generate_key()), cast(Any, None), None)
-    text = generate_latest(make_registry(cast(ServiceView, view))).decode()
+    text = generate_latest(make_registry(view)).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
             if line and not line.startswith("#")}
 

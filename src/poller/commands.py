@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poller import config, endpoints, sealing
 from poller.cliutil import print_json, read_password, run_async, settings_from
 from poller.config import Settings
 from poller.errors import PollerError, UsageError
+
+if TYPE_CHECKING:  # imported where used at run time: the CLI starts without them
+    from poller.db import Conn
+    from poller.registry import Registry
 
 
 def progress(line: str) -> None:
@@ -57,7 +61,7 @@ def secret_key(settings: Settings, args: argparse.Namespace) -> int:
 
 # -- database-backed commands -------------------------------------------------
 
-def _with_db(settings: Settings, body: Callable[[Any], Awaitable[int]]) -> int:
+def _with_db(settings: Settings, body: Callable[[Conn], Awaitable[int]]) -> int:
     """Run ``body(conn)`` on a migrated database connection."""
     from poller import db, migrate
 
@@ -75,7 +79,7 @@ def _with_db(settings: Settings, body: Callable[[Any], Awaitable[int]]) -> int:
 
 
 def migrate(settings: Settings, args: argparse.Namespace) -> int:
-    async def body(conn: Any) -> int:
+    async def body(conn: Conn) -> int:
         from poller.registry import Registry
 
         # _with_db has migrated already; report what is there.
@@ -92,7 +96,7 @@ def migrate(settings: Settings, args: argparse.Namespace) -> int:
     return _with_db(settings, body)
 
 
-async def _registry(conn: Any, settings: Settings) -> Any:
+async def _registry(conn: Conn, settings: Settings) -> Registry:
     from poller.netpolicy import NetPolicy
     from poller.registry import Registry, registry_key
 
@@ -134,7 +138,7 @@ def add_user(settings: Settings, args: argparse.Namespace) -> int:
     secret = read_password(args, confirm=True)
     interval = args.interval if args.interval is not None else settings.polling.interval_s
 
-    async def body(conn: Any) -> int:
+    async def body(conn: Conn) -> int:
         rec = await (await _registry(conn, settings)).add(
             args.cloud_id, email=args.email or "", driver=driver, url=args.url,
             interval_s=interval, options=options, secret=secret)
@@ -149,7 +153,7 @@ def update_user(settings: Settings, args: argparse.Namespace) -> int:
     if args.change_password or args.password_stdin:
         secret = read_password(args, confirm=True)
 
-    async def body(conn: Any) -> int:
+    async def body(conn: Conn) -> int:
         rec = await (await _registry(conn, settings)).update(
             args.cloud_id, email=args.email, driver=args.driver, url=args.url,
             clear_url=args.clear_url, interval_s=args.interval, enabled=args.enabled,
@@ -161,7 +165,7 @@ def update_user(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def remove_user(settings: Settings, args: argparse.Namespace) -> int:
-    async def body(conn: Any) -> int:
+    async def body(conn: Conn) -> int:
         from poller.registry import Registry
 
         # Removal needs no key: it wipes the sealed secret without opening it.
@@ -173,7 +177,7 @@ def remove_user(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def list_users(settings: Settings, args: argparse.Namespace) -> int:
-    async def body(conn: Any) -> int:
+    async def body(conn: Conn) -> int:
         from poller.registry import Registry
 
         records = await Registry(conn, _NoBox()).listing()

@@ -23,10 +23,12 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Protocol, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from poller import migrate
 from poller.clock import Clock, LoopClock
@@ -45,6 +47,21 @@ dropped socket is noticed at once, a silent one within this."""
 _GONE: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError)  # the server shutting down or starting
+# Named, not `except (*_GONE, ...)` in place: mypy cannot type a starred except tuple.
+_GONE_OR_REFUSED: tuple[type[BaseException], ...] = (*_GONE, asyncpg.PostgresError)
+
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+"""A connection as the code receives it: its own (:func:`connect`) or lent by
+a pool, a proxy that forwards every Connection method (the stubs do not make
+it a Connection)."""
+
+
+class ConnectionSource(Protocol):
+    """What lends Postgres connections: an asyncpg pool, or the service's gate
+    in front of one (:meth:`Database.acquire`), which raises
+    :class:`DatabaseNotReady` (a ``ConnectionError``) while Postgres is not ready."""
+
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Conn]: ...
 
 
 class DatabaseUnavailable(PollerError):
@@ -177,7 +194,7 @@ class InstanceLock:
                 break
             try:
                 await conn.fetchval("SELECT 1", timeout=check_every_s)
-            except (*_GONE, asyncpg.PostgresError):
+            except _GONE_OR_REFUSED:
                 self._lost.set()
         await self.release()
 
@@ -190,7 +207,7 @@ class InstanceLock:
             return
         try:
             await asyncio.wait_for(conn.close(), 2.0)
-        except (*_GONE, asyncpg.PostgresError):
+        except _GONE_OR_REFUSED:
             conn.terminate()
 
     async def _refusal(self, conn: asyncpg.Connection) -> str:
@@ -329,7 +346,7 @@ class Database:
         return pool
 
     @contextlib.asynccontextmanager
-    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[Any]:
+    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[Conn]:
         """A connection from the pool; :class:`DatabaseNotReady` at once if the
         gate is closed."""
         async with self._ready_pool(self._pool).acquire(timeout=timeout) as conn:
@@ -367,7 +384,7 @@ class _WaitingPool:
         self._db = database
 
     @contextlib.asynccontextmanager
-    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[Any]:
+    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[Conn]:
         started = time.monotonic()
         await self._db.wait_ready(timeout)
         left = None if timeout is None else max(0.1, timeout - (time.monotonic() - started))
@@ -385,7 +402,7 @@ class _ApiPool:
         self._db = database
 
     @contextlib.asynccontextmanager
-    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[Any]:
+    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[Conn]:
         db = self._db
         pool = db._ready_pool(db._api_pool if db._api_max_size else db._pool)
         async with pool.acquire(timeout=timeout) as conn:

@@ -14,10 +14,12 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from poller.errors import PollerError
+
+if TYPE_CHECKING:  # db imports this module
+    from poller.db import Conn
 
 _LOCK_KEY = 7419030
 _NAME_RE = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
@@ -66,7 +68,7 @@ def discover(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+async def migrate(conn: Conn, migrations: list[Migration] | None = None) -> list[str]:
     """Apply pending migrations; return the names applied (empty: up to date)."""
     migrations = migrations if migrations is not None else discover()
     applied_now: list[str] = []
@@ -99,7 +101,7 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
     return applied_now
 
 
-async def ensure_partitions(conn: asyncpg.Connection, days_ahead: int = 3) -> int:
+async def ensure_partitions(conn: Conn, days_ahead: int = 3) -> int:
     """Create daily ``readings`` partitions from yesterday to ``days_ahead``."""
     made: int = await conn.fetchval(
         "SELECT poller_ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, $1)",

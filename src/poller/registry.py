@@ -12,17 +12,19 @@ import logging
 import re
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 
+from poller.config import EVERY_DEVICE, Shard
+from poller.db import Conn
 from poller.drivers import get_driver
 from poller.drivers.base import DeviceSpec
 from poller.drivers.eagle_cloud import DEFAULT_CLOUD_BASE_URL
@@ -49,6 +51,13 @@ _DEFAULT_POLICY = NetPolicy.default()
 
 _COLUMNS = ("id, cloud_id, email, driver, url, options, interval_s, enabled, "
             "created_at, updated_at")
+
+
+class Row(Protocol):
+    """A registry row read by column name: an asyncpg Record (which is not a
+    Mapping: it iterates values), or a dict decoded from the snapshot."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +88,7 @@ _NO_OPTIONS: dict[str, Any] = {}
 """Shared by every record without options; records are never mutated."""
 
 
-def _record(row: Mapping[str, Any]) -> DeviceRecord:
+def _record(row: Row) -> DeviceRecord:
     options = row["options"]
     if isinstance(options, str):
         options = orjson.loads(options)
@@ -233,7 +242,7 @@ def check_options(driver: str, cloud_id: str, email: str, url: str | None,
     return options
 
 
-async def sealed_count(conn: asyncpg.Connection) -> int:
+async def sealed_count(conn: Conn) -> int:
     """Devices holding sealed credentials (removal wipes them): while any do,
     a lost key file must not be replaced by a new key (:func:`load_key`)."""
     count: int = await conn.fetchval(
@@ -241,7 +250,7 @@ async def sealed_count(conn: asyncpg.Connection) -> int:
     return count
 
 
-async def registry_key(conn: asyncpg.Connection, state_dir: Path) -> bytes:
+async def registry_key(conn: Conn, state_dir: Path) -> bytes:
     """The sealing key for this registry (:func:`poller.sealing.load_key`),
     refusing to make a new one while the registry holds sealed credentials."""
     return sealing_load_key(state_dir, sealed=await sealed_count(conn))
@@ -260,7 +269,7 @@ class Registry:
     built-in one, which refuses loopback, link-local and the like).
     """
 
-    def __init__(self, conn: asyncpg.Connection, box: SecretBox,
+    def __init__(self, conn: Conn, box: SecretBox,
                  policy: NetPolicy | None = None) -> None:
         self._conn = conn
         self._box = box
@@ -290,6 +299,7 @@ class Registry:
             except asyncpg.UniqueViolationError:
                 raise ConflictError(f"device {cloud_id} is already registered "
                                     "(use update-user to change it)") from None
+            assert row is not None  # INSERT ... RETURNING returns the row it inserted
             await self._notify(cloud_id)
         return _record(row)
 
@@ -341,6 +351,7 @@ class Registry:
             row = await self._conn.fetchrow(
                 f"UPDATE devices SET {', '.join(sets)} WHERE cloud_id = $1 "
                 f"AND removed_at IS NULL RETURNING {_COLUMNS}", *args)
+            assert row is not None  # locked FOR UPDATE above: still there
             await self._notify(current.cloud_id)
         return _record(row)
 
@@ -408,7 +419,7 @@ class Registry:
         return out
 
     @staticmethod
-    async def legacy_secrets(conn: asyncpg.Connection) -> int:
+    async def legacy_secrets(conn: Conn) -> int:
         """How many registered devices hold a secret in format 1 (no key needed)."""
         count: int = await conn.fetchval(
             "SELECT count(*) FROM devices WHERE removed_at IS NULL "
@@ -431,7 +442,7 @@ class Registry:
             await self._store_resealed(done)
         return len(done), len(rows) - len(done)
 
-    def _reseal(self, row: Mapping[str, Any]) -> bytes | None:
+    def _reseal(self, row: Row) -> bytes | None:
         """A format-1 secret of ``row`` in format 2; None if it does not open."""
         try:
             secret = self._box.open(row["sealed_secret"], cloud_id=row["cloud_id"],
@@ -455,25 +466,23 @@ class Registry:
         else:
             log.info("sealed %d secret(s) again, bound to driver and URL", len(resealed))
 
-    async def sealed_rows(self, *, shard: tuple[int, int] = (0, 1)) -> list[asyncpg.Record]:
+    async def sealed_rows(self, *, shard: Shard = EVERY_DEVICE) -> list[asyncpg.Record]:
         """What :meth:`specs` reads of every enabled device, secrets still
         sealed (for the registry snapshot); ``shard`` as in :meth:`versions`."""
-        k, n = shard
         rows: list[asyncpg.Record] = await self._conn.fetch(
             f"SELECT {_COLUMNS}, sealed_secret FROM devices "
-            "WHERE removed_at IS NULL AND enabled AND id % $2 = $1 ORDER BY id", k, n)
+            "WHERE removed_at IS NULL AND enabled AND id % $2 = $1 ORDER BY id", shard.k, shard.n)
         return rows
 
     async def versions(self, cloud_ids: list[str] | None = None, *,
-                       shard: tuple[int, int] = (0, 1)) -> dict[int, datetime | None]:
+                       shard: Shard = EVERY_DEVICE) -> dict[int, datetime | None]:
         """Device id -> ``updated_at`` of every enabled device (None: not wanted,
         for rows named in ``cloud_ids`` that are removed or disabled).
-        ``shard`` ``(k, n)`` keeps the devices whose id % n == k."""
+        ``shard`` keeps the devices whose id % n == k."""
         if cloud_ids is None:
-            k, n = shard
             rows = await self._conn.fetch(
                 "SELECT id, updated_at FROM devices WHERE removed_at IS NULL AND enabled "
-                "AND id % $2 = $1", k, n)
+                "AND id % $2 = $1", shard.k, shard.n)
             return {r["id"]: r["updated_at"] for r in rows}
         rows = await self._conn.fetch(
             "SELECT id, updated_at, removed_at IS NULL AND enabled AS wanted FROM devices "
@@ -514,7 +523,7 @@ class Registry:
         await self._conn.execute("SELECT pg_notify($1, $2)", CHANNEL, cloud_id)
 
 
-def open_row(row: Mapping[str, Any], box: SecretBox) -> tuple[DeviceRecord, DeviceSpec] | None:
+def open_row(row: Row, box: SecretBox) -> tuple[DeviceRecord, DeviceSpec] | None:
     """A registry row with its sealed secret as the poller's record and spec;
     None (logged) when the secret does not open with this key."""
     rec = _record(row)

@@ -19,17 +19,17 @@ import base64
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import orjson
 
+from poller.config import Shard
+from poller.db import Conn
 from poller.drivers.base import DeviceSpec
 from poller.errors import PollerError
-from poller.registry import DeviceRecord, Registry, open_row
+from poller.registry import DeviceRecord, Registry, Row, open_row
 from poller.sealing import SecretBox
 
 log = logging.getLogger("poller.snapshot")
@@ -49,7 +49,7 @@ def path_for(state_dir: Path | str, instance_id: str) -> Path:
     return Path(state_dir) / f"registry-{instance_id}.json"
 
 
-def encode(rows: list[Mapping[str, Any]], shard: tuple[int, int], written_at: float) -> bytes:
+def encode(rows: Sequence[Row], shard: Shard, written_at: float) -> bytes:
     """The snapshot document of registry rows (each with ``sealed_secret``)."""
     devices = []
     for row in rows:
@@ -59,20 +59,20 @@ def encode(rows: list[Mapping[str, Any]], shard: tuple[int, int], written_at: fl
             doc["options"] = orjson.loads(options)
         doc["sealed_secret"] = base64.b64encode(row["sealed_secret"]).decode("ascii")
         devices.append(doc)
-    return orjson.dumps({"format": FORMAT, "written_at": written_at, "shard": list(shard),
+    return orjson.dumps({"format": FORMAT, "written_at": written_at, "shard": [shard.k, shard.n],
                          "devices": devices})
 
 
-def decode(data: bytes, box: SecretBox, shard: tuple[int, int]) -> tuple[Specs, float]:
+def decode(data: bytes, box: SecretBox, shard: Shard) -> tuple[Specs, float]:
     """``(specs, written_at)`` of a snapshot document; SnapshotError if it is
     not one, or was written for another shard."""
     try:
         doc = orjson.loads(data)
         if doc.get("format") != FORMAT:
             raise SnapshotError(f"unknown snapshot format {doc.get('format')!r}")
-        if tuple(doc["shard"]) != shard:
+        if doc["shard"] != [shard.k, shard.n]:
             raise SnapshotError(f"the snapshot is of shard {doc['shard'][0]}/{doc['shard'][1]}, "
-                                f"this instance polls {shard[0]}/{shard[1]}")
+                                f"this instance polls {shard}")
         specs: Specs = {}
         for device in doc["devices"]:
             row = dict(device)
@@ -89,7 +89,7 @@ def decode(data: bytes, box: SecretBox, shard: tuple[int, int]) -> tuple[Specs, 
         raise SnapshotError(f"malformed registry snapshot: {type(exc).__name__}: {exc}") from None
 
 
-def load(path: Path, box: SecretBox, shard: tuple[int, int]) -> tuple[Specs, float]:
+def load(path: Path, box: SecretBox, shard: Shard) -> tuple[Specs, float]:
     """Read the snapshot at ``path``: ``(specs, written_at)``."""
     try:
         data = path.read_bytes()
@@ -123,8 +123,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-async def save(conn: asyncpg.Connection, box: SecretBox, path: Path,
-               shard: tuple[int, int]) -> int | None:
+async def save(conn: Conn, box: SecretBox, path: Path,
+               shard: Shard) -> int | None:
     """Write the snapshot of ``shard`` read over ``conn``; the devices written.
 
     A file system error is logged and returns None: polling never depends on

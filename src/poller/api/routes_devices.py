@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from poller.api.auth import Access, requires
@@ -23,6 +22,7 @@ from poller.api.params import (
     typed,
 )
 from poller.api.view import ServiceView
+from poller.db import Conn
 from poller.errors import NotFoundError
 from poller.netpolicy import NetPolicy
 from poller.polling.target import DeviceState
@@ -194,7 +194,7 @@ async def list_devices(request: web.Request) -> web.Response:
     return json_response({"devices": found, "next_after": next_after})
 
 
-async def _scan_unpolled(view: ServiceView, conn: asyncpg.Connection, registry: Registry,
+async def _scan_unpolled(view: ServiceView, conn: Conn, registry: Registry,
                          state: str, after: int, limit: int, cost: ListingCost,
                          ) -> tuple[list[DeviceRecord], int | None]:
     """``disabled`` or ``unpolled`` devices after ``after``: registered, not in

@@ -27,20 +27,20 @@ from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import aiohttp
-from aiobotocore.config import AioConfig  # type: ignore[import-untyped, unused-ignore]
-from aiobotocore.session import AioSession  # type: ignore[import-untyped, unused-ignore]
-from botocore.exceptions import (  # type: ignore[import-untyped, unused-ignore]
-    BotoCoreError,
-    ClientError,
-    HTTPClientError,
-)
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from poller.endpoints import redact_url
 from poller.errors import PollerError
+
+if TYPE_CHECKING:  # types-aiobotocore[s3]: a dev dependency, types only
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class ArchiveStore:
         self._part_size = part_size_bytes
         self._where = redact_url(endpoint_url) if endpoint_url else "AWS S3"
         self._stack: AsyncExitStack | None = None
-        self._client: Any = None
+        self._client: S3Client | None = None
 
     def __repr__(self) -> str:
         return f"ArchiveStore({self._where!r}, bucket={self._bucket!r})"
@@ -160,7 +160,7 @@ class ArchiveStore:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
 
-    def _c(self) -> Any:
+    def _c(self) -> S3Client:
         if self._client is None:
             raise RuntimeError("ArchiveStore is not started: call start() first")
         return self._client
@@ -214,14 +214,14 @@ class ArchiveStore:
         await self._verify(client, key, size, expected)
         return UploadResult(key, size, expected, parts)
 
-    async def _upload_parts(self, client: Any, path: Path, key: str,
+    async def _upload_parts(self, client: S3Client, path: Path, key: str,
                             size: int) -> tuple[str, int]:
         with self._mapped("CreateMultipartUpload", key):
             created = await client.create_multipart_upload(
                 Bucket=self._bucket, Key=key, ContentType="application/gzip")
         upload_id: str = created["UploadId"]
         digests: list[bytes] = []
-        done: list[dict[str, Any]] = []
+        done: list[CompletedPartTypeDef] = []
         try:
             offset = 0
             while offset < size:
@@ -247,7 +247,7 @@ class ArchiveStore:
         combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
         return f"{combined}-{len(digests)}", len(digests)
 
-    async def _abort(self, client: Any, key: str, upload_id: str) -> None:
+    async def _abort(self, client: S3Client, key: str, upload_id: str) -> None:
         # Best effort: an upload left open only costs storage until the
         # bucket's lifecycle rule (or the next successful retry) clears it.
         try:
@@ -255,7 +255,7 @@ class ArchiveStore:
         except (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutError):
             log.warning("could not abort multipart upload of %s", key)
 
-    async def _verify(self, client: Any, key: str, size: int, etag: str) -> None:
+    async def _verify(self, client: S3Client, key: str, size: int, etag: str) -> None:
         with self._mapped("HeadObject", key):
             head = await client.head_object(Bucket=self._bucket, Key=key)
         stored_size = int(head["ContentLength"])
@@ -321,7 +321,7 @@ class ArchiveStore:
         return ArchiveError(f"{what}: {type(exc).__name__}")
 
 
-def _error_code(exc: Any) -> str:
+def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code") or "?")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from poller import heap
@@ -111,8 +111,8 @@ class Simulator:
         return [cloud_id_for(i, self.cfg.id_offset) for i in range(self.cfg.devices)]
 
     def set_faults(
-        self, forced: dict[Fault, Iterable[str]] | None = None,
-        rates: dict[str, float] | None = None,
+        self, forced: Mapping[Fault, Iterable[str]] | None = None,
+        rates: Mapping[str, float] | None = None,
     ) -> None:
         """Replace the forced device sets of the kinds named, and the rates named."""
         new_rates = self.faults.rates.replaced(rates or {})
