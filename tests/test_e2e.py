@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gzip
 import itertools
 import os
 import signal
@@ -29,20 +28,20 @@ import redis.asyncio as aioredis
 
 from poller import config, keys, sealing
 from poller.api.view import FleetSnapshot
-from poller.archive.s3 import ArchiveStore
 from poller.config import Settings
 from poller.netpolicy import NetPolicy
 from poller.registry import Registry
 from poller.service import Service
 from poller.simulator.fleet import credentials_for
 from poller.simulator.main import Simulator, SimulatorConfig
+from tests import servicefix
 from tests.stackfix import RunningStack, fresh_database_url
 
 INTERVAL_S = 0.5
 DEVICES = 40
 _redis_db = itertools.count(1)
 
-Key = tuple[str, int, float]  # cloud id, device time, demand
+Key = servicefix.Key  # cloud id, device time, demand
 
 
 @dataclass
@@ -54,40 +53,13 @@ class Run:
     env: dict[str, str]
 
     async def served(self) -> collections.Counter[Key]:
-        return collections.Counter(
-            (s.cloud_id, s.device_at, round(s.demand_w, 3))
-            for s in self.sim.served() if s.demand_w is not None)
+        return servicefix.served(self.sim)
 
     async def rows(self) -> collections.Counter[Key]:
-        conn = await asyncpg.connect(self.settings.database.url)
-        try:
-            rows = await conn.fetch(
-                "SELECT d.cloud_id, r.device_at, r.demand_w FROM readings r "
-                "JOIN devices d ON d.id = r.device_id")
-            dup = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT device_id, tick_at FROM readings "
-                "GROUP BY 1, 2 HAVING count(*) > 1) x")
-        finally:
-            await conn.close()
-        assert dup == 0
-        return collections.Counter(
-            (r["cloud_id"], int(r["device_at"].timestamp()), round(r["demand_w"], 3))
-            for r in rows)
+        return await servicefix.loaded(self.settings.database.url)
 
     async def archive(self) -> collections.Counter[Key]:
-        s = self.settings
-        store = ArchiveStore(self.stack.info.s3_endpoint_url, s.s3.bucket, s.s3.region, "", "")
-        await store.start()
-        try:
-            found: collections.Counter[Key] = collections.Counter()
-            for key, _ in await store.list_keys(f"{s.s3.prefix}/readings/"):
-                data = gzip.decompress(await store.get(key))  # every archive a valid gzip
-                for line in data.splitlines():
-                    doc = orjson.loads(line)
-                    found[(doc["cloud_id"], int(doc["device_at"]), round(doc["demand_w"], 3))] += 1
-            return found
-        finally:
-            await store.close()
+        return await servicefix.archived(self.settings, self.stack.info)
 
 
 @pytest.fixture
