@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,9 +252,24 @@ SECRETS = {
 }
 
 
+def _environ_after_exec(pid: int) -> list[bytes]:
+    """The process's environment once its exec has finished.
+
+    Popen returns when the close-on-exec pipe closes, which the kernel does
+    before it lays out the new image's environment: a read in that window finds
+    nothing, so wait (on the real process, briefly) until it is there.
+    """
+    deadline = time.monotonic() + 10.0
+    while True:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        if raw or time.monotonic() >= deadline:
+            return raw.split(b"\0")
+        time.sleep(0.01)
+
+
 def assert_scrubbed(name: str, pid: int) -> None:
     """The server's own environment holds no POLLER_ variable and no secret."""
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    environ = _environ_after_exec(pid)
     names = {entry.partition(b"=")[0].decode() for entry in environ if entry}
     assert "PATH" in names, (name, names)
     assert not {n for n in names if n.startswith("POLLER_") or n.startswith("AWS_")}, \
