@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import doctest
+import gc
 import itertools
 import logging
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from poller import heap
 from poller.clock import FakeClock
 from poller.config import PollingSettings
 from poller.drivers.base import DeviceSpec
@@ -200,6 +202,22 @@ async def test_readings_carry_values_the_simulator_served(rig: Rig) -> None:
     for cloud_id, values in got.items():
         assert values == pytest.approx(served[cloud_id])
     assert with_totals >= 20  # the first poll of each device reads the totals
+
+
+async def test_latest_readings_leave_the_collectors_reach(rig: Rig) -> None:
+    # Every device's latest reading lives an interval: long enough to reach the
+    # oldest generation, where each full collection would walk all of them.
+    rig.pool.sync(rig.fleet(20, 0.5))
+    await rig.run(1.6)
+    latest = [lp.target.latest for lp in rig.pool.loops.values()]
+    assert all(r is not None for r in latest)
+    assert {r[-1] for r in latest if r is not None} == {r.cloud_id for r in rig.sink.readings}
+    with heap.watching_pauses() as watch:
+        gc.collect()
+        assert watch.collections[2] >= 1 and watch.full.count >= 1
+        assert watch.seconds[2] > 0.0
+    assert heap.pauses() is None
+    assert not any(gc.is_tracked(r) for r in latest)
 
 
 class RecordingTransport:

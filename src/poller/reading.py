@@ -33,6 +33,12 @@ class Reading(NamedTuple):
     Not a ``readings`` column: the loader copies ``reading[:8]``."""
 
 
+PlainReading = tuple[int, float, float | None, float, float | None, float | None,
+                     float | None, float | None, str]
+"""A :class:`Reading`'s fields in a plain tuple, for readings held long
+(a device's latest): the cyclic collector untracks those, never a subclass."""
+
+
 # Column order of the ``readings`` table as the loader copies it.
 READING_COLUMNS: tuple[str, ...] = (
     "device_id",

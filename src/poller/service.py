@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from poller import db, endpoints, migrate, sealing, snapshot
+from poller import db, endpoints, heap, migrate, sealing, snapshot
 from poller.archive.fetch import EvictedSegments
 from poller.archive.s3 import ArchiveStore
 from poller.archive.uploader import Uploader
@@ -108,6 +108,7 @@ class Service:
         # part's stop also undoes a half-done start); see the module docstring.
         s = self.settings
         loop = asyncio.get_running_loop()
+        stack.enter_context(heap.watching_pauses())
         # Starting embedded servers blocks for seconds: keep it off the loop.
         self.endpoints = ep = await loop.run_in_executor(
             None, lambda: endpoints.resolve(s, progress=self._progress))

@@ -18,10 +18,12 @@ from prometheus_client.core import (
     Metric,
 )
 
+from poller import heap
 from poller.api.view import MetricsView
 from poller.polling.stats import LogHistogram
 
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GC_PAUSE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 COMMIT_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -152,6 +154,25 @@ class ServiceCollector:
                      1.0 if view.loop_responsive() else 0.0)
         yield _gauge("poller_start_time_seconds", "Unix time the service started.",
                      snap.started_at)
+        yield from _gc_families()
+
+
+def _gc_families() -> Iterator[Metric]:
+    watch = heap.pauses()
+    if watch is None:
+        return
+    runs = CounterMetricFamily("poller_gc_collections", "Passes of the cyclic garbage "
+                               "collector by generation (2 is a full collection).",
+                               labels=["generation"])
+    held = CounterMetricFamily("poller_gc_pause_seconds", "Time the cyclic collector held "
+                               "the process, by generation.", labels=["generation"])
+    for generation in range(3):
+        runs.add_metric([str(generation)], watch.collections[generation])
+        held.add_metric([str(generation)], watch.seconds[generation])
+    yield runs
+    yield held
+    yield _histogram("poller_gc_full_pause_seconds", "Pauses of the full collections: "
+                     "every poll due meanwhile waits.", watch.full, GC_PAUSE_BUCKETS_S)
 
 
 def make_registry(view: MetricsView) -> CollectorRegistry:

@@ -95,6 +95,13 @@ class FleetRun:
     series: list[Sample] = field(default_factory=list)
     api: list[ApiLatency] = field(default_factory=list)
     """API reads during the window (``--api-load``), by kind."""
+    gc_full_collections: int = 0
+    """Full collections of the cyclic GC in the poller during the window."""
+    gc_full_pause_p99_s: float | None = None
+    gc_full_pause_max_s: float | None = None
+    """Upper bound of the longest full collection's bucket."""
+    gc_pause_s: float = 0.0
+    """Time the collector held the poller, every generation, in the window."""
 
     @property
     def held(self) -> bool:
@@ -247,6 +254,9 @@ def run_table(run: FleetRun) -> str:
         ("poller RSS", f"{_mib(run.rss_bytes)}"
          + (f"  ({run.rss_bytes / run.devices:,.0f} B/device incl. base)"
             if run.rss_bytes else "")),
+        ("poller GC: full collections, p99 / max, all passes",
+         f"{run.gc_full_collections:,}, {_ms(run.gc_full_pause_p99_s)} / "
+         f"<= {_ms(run.gc_full_pause_max_s)}, {_ms(run.gc_pause_s)} in all"),
         ("rows committed", f"{run.rows_committed:,}  ({run.rows_per_s:,.0f}/s)"),
         ("poll-to-committed p50 / p99", f"{_num(run.commit_p50_s, 's', 2)} / "
          f"{_num(run.commit_p99_s, 's', 2)}"),

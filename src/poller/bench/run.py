@@ -52,6 +52,7 @@ _MAX_DEVICES = 0x1000000 - DEFAULT_ID_OFFSET  # the simulator's 6-hex-digit id s
 _SWEEP_MAX_STEPS = 8
 _LATENESS = "poller_poll_lateness_seconds"
 _COMMIT = "poller_commit_latency_seconds"
+_GC_FULL = "poller_gc_full_pause_seconds"
 _DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
@@ -530,7 +531,22 @@ def _fleet_run(devices: int, interval_s: float, start: _Snapshot, end: _Snapshot
         simulator_requests=sim_requests, rss_bytes=rss, rows_committed=rows,
         rows_per_s=rows / elapsed, commit_p50_s=commit.quantile(0.5),
         commit_p99_s=commit.quantile(0.99), archive_bytes=archive,
-        archive_bytes_per_reading=archive / rows if rows else None, series=series)
+        archive_bytes_per_reading=archive / rows if rows else None, series=series,
+        **_gc_window(a, b))
+
+
+def _gc_window(a: Scrape, b: Scrape) -> dict[str, Any]:
+    """The poller's collector pauses between two scrapes (``heap.PauseWatch``)."""
+    full = b.histograms.get(_GC_FULL)
+    if full is None:
+        return {}
+    before = a.histograms.get(_GC_FULL)
+    if before is not None:
+        full = full.minus(before)
+    held = b.total("poller_gc_pause_seconds_total") - a.total("poller_gc_pause_seconds_total")
+    return {"gc_full_collections": int(full.count),
+            "gc_full_pause_p99_s": full.quantile(0.99),
+            "gc_full_pause_max_s": full.highest_bucket(), "gc_pause_s": held}
 
 
 # -- progress ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ import enum
 from typing import Any
 
 from poller.polling.stats import OUTCOMES
-from poller.reading import Reading
+from poller.reading import PlainReading
 from poller.registry import DeviceRecord
 
 
@@ -60,7 +60,8 @@ class Target:
         self.first_reading_at: float | None = None
         self.last_reading_at: float | None = None
         self.last_poll_at: float | None = None
-        self.latest: Reading | None = None
+        self.latest: PlainReading | None = None
+        """The last reading kept, as a plain tuple (see loop.py ``_keep``)."""
         self.dirty = False
         self.state_changed = True
         """Set on each state change; the live-state writer clears it."""
