@@ -188,8 +188,11 @@ def test_census_diff_names_the_type_that_grew(tmp_path: Path) -> None:
     # Frozen objects (poller.heap) count too, and stay frozen afterwards.
     gc.freeze()
     frozen = gc.get_freeze_count()
+    walked = [Leaked() for _ in range(2000)]  # made after the freeze: walked
     try:
         new = memtrace.census()
+        name = f"{__name__}.{Leaked.__qualname__}"
+        assert new["walked_by_full_gc"].get(name) == len(walked), new["walked_by_full_gc"]
         # Frozen again after the walk; the collection in between may free
         # frozen garbage, so the count can fall, but never below what lives.
         assert frozen >= len(kept) and gc.get_freeze_count() >= len(kept)
@@ -199,7 +202,7 @@ def test_census_diff_names_the_type_that_grew(tmp_path: Path) -> None:
     names = [g.where for g in found]
     assert f"{__name__}.{Leaked.__qualname__}" in names
     grown = next(g for g in found if g.where.endswith("Leaked"))
-    assert grown.count_diff == len(kept)
+    assert grown.count_diff == len(kept) + len(walked)
     text = memtrace.render_census(old, new)
     assert "Leaked" in text and "python blocks" in text
 

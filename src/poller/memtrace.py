@@ -177,6 +177,10 @@ def census() -> dict[str, Any]:
     # gc.get_objects(): thaw them for the walk, then collect and freeze again
     # as poller.heap.freeze() does after a bulk change.
     frozen = gc.get_freeze_count()
+    # What a full collection walks: the tracked objects not frozen (garbage
+    # included), by type. Where pauses come from, as the census is where
+    # memory goes.
+    walked = Counter(_type_name(type(obj)) for obj in gc.get_objects())
     if frozen:
         gc.unfreeze()
     try:
@@ -190,10 +194,9 @@ def census() -> dict[str, Any]:
     container = (dict, list, set, deque)
     for obj in objects:
         cls = type(obj)
-        module = cls.__module__
-        if not isinstance(module, str):  # a class whose __module__ is a descriptor
-            module = "?"
-        types[f"{module}.{cls.__qualname__}"] += 1
+        name = _type_name(cls)
+        types[name] += 1
+        module = name.rpartition(".")[0] if "." in name else name
         if isinstance(obj, container):
             largest.offer(obj, None)
         elif module.startswith("poller."):
@@ -206,10 +209,18 @@ def census() -> dict[str, Any]:
         "traced_bytes": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing()
         else None,
         "types": dict(types.most_common()), "largest": largest.described(),
+        "walked_by_full_gc": dict(walked.most_common()),
     }
     del objects
     doc["seconds"] = time.perf_counter() - started
     return doc
+
+
+def _type_name(cls: type) -> str:
+    module = cls.__module__
+    if not isinstance(module, str):  # a class whose __module__ is a descriptor
+        module = "?"
+    return f"{module}.{cls.__qualname__}"
 
 
 def dump_census(directory: Path, *, clock: float | None = None) -> Path:
