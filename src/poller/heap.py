@@ -89,27 +89,34 @@ class PauseWatch:
     About a microsecond per collection, and the collector runs a few dozen
     times a second at most."""
 
-    __slots__ = ("_started", "collections", "full", "seconds")
+    __slots__ = ("_cpu_started", "_started", "collections", "full", "full_cpu_s", "seconds")
 
     def __init__(self) -> None:
         self.collections = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
         self.full = LogHistogram()
-        """Pauses of the full (generation 2) collections."""
+        """Pauses of the full (generation 2) collections, wall time."""
+        self.full_cpu_s = 0.0
+        """CPU time of the full collections: on a busy machine a pause is
+        longer than the work, and this tells the two apart."""
         self._started = 0.0
+        self._cpu_started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
-        # perf_counter, not the clock seam: this measures CPU time spent,
-        # it schedules nothing.
+        # perf_counter, not the clock seam: this measures time spent, it
+        # schedules nothing.
+        generation = info["generation"]
         if phase == "start":
+            if generation == 2:
+                self._cpu_started = time.thread_time()
             self._started = time.perf_counter()
             return
-        generation = info["generation"]
         paused = time.perf_counter() - self._started
         self.collections[generation] += 1
         self.seconds[generation] += paused
         if generation == 2:
             self.full.record(paused)
+            self.full_cpu_s += time.thread_time() - self._cpu_started
 
 
 _watch: PauseWatch | None = None

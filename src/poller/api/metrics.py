@@ -171,6 +171,9 @@ def _gc_families() -> Iterator[Metric]:
         held.add_metric([str(generation)], watch.seconds[generation])
     yield runs
     yield held
+    yield CounterMetricFamily("poller_gc_full_cpu_seconds", "CPU time of the full "
+                              "collections (their pauses, less time the process waited "
+                              "for a core).", value=watch.full_cpu_s)
     yield _histogram("poller_gc_full_pause_seconds", "Pauses of the full collections: "
                      "every poll due meanwhile waits.", watch.full, GC_PAUSE_BUCKETS_S)
 

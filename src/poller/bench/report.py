@@ -102,6 +102,8 @@ class FleetRun:
     """Upper bound of the longest full collection's bucket."""
     gc_pause_s: float = 0.0
     """Time the collector held the poller, every generation, in the window."""
+    gc_full_cpu_s: float = 0.0
+    """CPU time of the window's full collections."""
 
     @property
     def held(self) -> bool:
@@ -256,7 +258,8 @@ def run_table(run: FleetRun) -> str:
             if run.rss_bytes else "")),
         ("poller GC: full collections, p99 / max, all passes",
          f"{run.gc_full_collections:,}, {_ms(run.gc_full_pause_p99_s)} / "
-         f"<= {_ms(run.gc_full_pause_max_s)}, {_ms(run.gc_pause_s)} in all"),
+         f"<= {_ms(run.gc_full_pause_max_s)} ({_ms(run.gc_full_cpu_s)} CPU in all), "
+         f"{_ms(run.gc_pause_s)} in all passes"),
         ("rows committed", f"{run.rows_committed:,}  ({run.rows_per_s:,.0f}/s)"),
         ("poll-to-committed p50 / p99", f"{_num(run.commit_p50_s, 's', 2)} / "
          f"{_num(run.commit_p99_s, 's', 2)}"),

@@ -546,7 +546,9 @@ def _gc_window(a: Scrape, b: Scrape) -> dict[str, Any]:
     held = b.total("poller_gc_pause_seconds_total") - a.total("poller_gc_pause_seconds_total")
     return {"gc_full_collections": int(full.count),
             "gc_full_pause_p99_s": full.quantile(0.99),
-            "gc_full_pause_max_s": full.highest_bucket(), "gc_pause_s": held}
+            "gc_full_pause_max_s": full.highest_bucket(), "gc_pause_s": held,
+            "gc_full_cpu_s": b.value("poller_gc_full_cpu_seconds_total")
+            - a.value("poller_gc_full_cpu_seconds_total")}
 
 
 # -- progress ---------------------------------------------------------------------
