@@ -27,6 +27,7 @@ API_PORT=$("$BIN/poller" config show --json | "$BIN/python" -c 'import json,sys;
 cat <<MSG
 -------------------------------------------------------------------------------
 poller is starting with $DEVICES simulated devices. Where to look:
+  dashboard: http://127.0.0.1:$API_PORT/ui/   (open it in a browser)
   fleet:     curl -s http://127.0.0.1:$API_PORT/api/fleet
   metrics:   curl -s http://127.0.0.1:$API_PORT/metrics
   a device:  curl -s http://127.0.0.1:$API_PORT/api/event/f00001

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Install the system tools the test suite needs, when missing (Debian/Ubuntu).
 #   systemd-analyze (package systemd): tests/test_units.py verifies the units.
+#   chromium (package chromium): tests/test_ui_browser.py drives the dashboard
+#   through Playwright pointed at this browser (Playwright downloads none).
 # With the argument `bench`, also the tools of `poller bench`:
 #   wrk (package wrk): the CPU floor of one HTTP request.
 # Idempotent: does nothing when every tool is present. Runs apt-get update at
@@ -14,8 +16,9 @@ case "${1:-}" in
 esac
 
 missing=""
-tools="systemd-analyze"
+tools="systemd-analyze, chromium"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
 if [ "$bench" = yes ]; then
     tools="$tools, wrk"
     command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
@@ -49,6 +52,10 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends $missing
 command -v systemd-analyze >/dev/null 2>&1 || {
     echo "sysdeps: systemd-analyze still missing after installing systemd" >&2
+    exit 1
+}
+[ -x /usr/bin/chromium ] || {
+    echo "sysdeps: /usr/bin/chromium still missing after installing chromium" >&2
     exit 1
 }
 if [ "$bench" = yes ]; then

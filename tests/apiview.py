@@ -25,6 +25,7 @@ from poller.api.view import FleetSnapshot
 from poller.config import Settings, load
 from poller.migrate import migrate
 from poller.polling.stats import LogHistogram
+from poller.retention.job import RetentionJob
 from poller.sealing import SecretBox, generate_key
 
 T = TypeVar("T")
@@ -72,6 +73,9 @@ class FakeFleetView:
     responsive: bool = True
     broken: bool = False
     """fleet() raises: for the last-resort error path."""
+    retention: RetentionJob | None = None
+    """The daily retention job (``GET /api/archive`` reads its archive client);
+    a test attaches one over the stack's real S3."""
 
     @property
     def db(self) -> asyncpg.Pool:

@@ -18,7 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from poller import keys
 from poller.api.app import make_app, start_api
 from poller.api.openapi import document
+from poller.config import RollupSettings
 from poller.errors import ConfigError
+from poller.ingest.compact import compact_day
+from poller.rollups.worker import RollupWorker, mark_minutes
 from tests.apiview import (
     ADMIN_TOKEN,
     READ_TOKEN,
@@ -156,6 +159,12 @@ def _insert_readings(server: ApiServer, device_id: int,
         await pool.executemany(
             "INSERT INTO readings (device_id, tick_at, received_at, demand_w) "
             "VALUES ($1, $2, $2, $3)", [(device_id, t, w) for t, w in rows])
+        # As the loader would: mark their minutes for the rollups, which a
+        # step of a minute or more reads; then settle them.
+        await pool.execute("SELECT poller_ensure_rollup_partitions($1::date, 1)", rows[0][0])
+        async with pool.acquire() as conn:
+            await mark_minutes(conn, sorted({int(t.timestamp() // 60) for t, _ in rows}))
+        await RollupWorker(pool, RollupSettings()).settle_all()
     server.run(insert())
 
 
@@ -173,6 +182,31 @@ def test_readings_are_bucketed(server: ApiServer) -> None:
         (100.0, 150.0, 200.0, 2), (-50.0, -50.0, -50.0, 1)]
     assert datetime.fromisoformat(points[0]["t"]) == base
     assert reply.json()["step_s"] == 60
+    # A minute step reads the per-minute rollups; 30 s the raw rows; alike here.
+    assert reply.json()["level"] == "minute"
+    assert [p["failed"] for p in points] == [0, 0]
+    raw = server.request("GET", f"/api/devices/{doc['cloud_id']}/readings?from={frm}"
+                         f"&to={to.replace('+', '%2B')}&step=30", token=READ_TOKEN).json()
+    assert raw["level"] == "raw"
+    assert [(p["min"], p["max"], p["count"]) for p in raw["points"]] == [
+        (100.0, 200.0, 2), (-50.0, -50.0, 1)]
+
+
+def test_fleet_demand_reads_the_fleet_minutes(server: ApiServer) -> None:
+    doc = create(server, new_id())
+    base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)
+    _insert_readings(server, doc["id"], [(base, 100.0), (base + timedelta(seconds=6), 200.0)])
+    frm = int(base.timestamp())
+    reply = server.request("GET", f"/api/fleet/demand?from={frm}&to={frm + 120}&step=60",
+                           token=READ_TOKEN)
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    assert body["level"] == "minute" and body["step_s"] == 60
+    (point,) = body["points"]  # only this test's device wrote at that minute
+    assert (point["total_w"], point["devices"], point["outcomes"]) == (150.0, 1, {"ok": 1})
+    bad = assert_error(server.request("GET", "/api/fleet/demand?step=90", token=READ_TOKEN),
+                       400)
+    assert "multiple of 60" in bad["message"]
 
 
 @pytest.mark.parametrize(("query", "needle"), [
@@ -240,6 +274,33 @@ def test_event_falls_back_to_postgres(server: ApiServer) -> None:
     finally:
         dead, server.view.redis_client = server.view.redis_client, live
         server.run(dead.aclose())
+
+
+def test_event_falls_back_to_a_packed_day(server: ApiServer) -> None:
+    # A device silent since a day that was compacted (schema/007): its
+    # latest reading is packed, and Postgres still answers with it.
+    doc = create(server, new_id())
+    day = (datetime.now(UTC) - timedelta(days=3)).date()
+    last = datetime(day.year, day.month, day.day, 17, 30, tzinfo=UTC)
+    assert server.view is not None
+    pool = server.view.pool
+
+    async def pack() -> None:
+        await pool.execute("SELECT poller_ensure_partitions($1::date, 1)", day)
+        await pool.executemany(
+            "INSERT INTO readings (device_id, tick_at, received_at, demand_w) "
+            "VALUES ($1, $2, $2, $3)",
+            [(doc["id"], last - timedelta(seconds=6), 1.0), (doc["id"], last, 3.5)])
+        async with pool.acquire() as conn:
+            await compact_day(conn, day)
+        assert await pool.fetchval("SELECT count(*) FROM readings WHERE device_id = $1",
+                                   doc["id"]) == 0
+
+    server.run(pack())
+    reply = server.request("GET", f"/api/event/{doc['cloud_id']}", token=READ_TOKEN)
+    assert reply.status == 200 and reply.json()["source"] == "postgres"
+    assert reply.json()["reading"]["demand_w"] == 3.5
+    assert reply.json()["reading"]["tick_at"] == last.timestamp()
 
 
 def test_event_of_registered_device_without_readings(server: ApiServer) -> None:
@@ -331,7 +392,7 @@ def test_unexpected_error_is_a_logged_json_500(server: ApiServer,
 
 WRITES = [("POST", "/api/user/{id}"), ("DELETE", "/api/user/{id}")]
 READS = ["/api/event/{id}", "/api/devices", "/api/devices/{id}",
-         "/api/devices/{id}/readings", "/api/fleet", "/api/openapi.json"]
+         "/api/devices/{id}/readings", "/api/fleet", "/api/fleet/demand", "/api/openapi.json"]
 
 
 @pytest.mark.parametrize(("method", "path"), WRITES)

@@ -21,8 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poller.api.openapi import document
+from poller.clock import LoopClock
+from poller.config import RetentionSettings
+from poller.retention.job import RetentionJob
+from poller.retention.policy import RetentionPolicy
 from tests.apiview import ADMIN_TOKEN, ApiServer, settings_with
 from tests.stackfix import RunningStack, fresh_database_url, stack  # noqa: F401
+from tests.test_archive import make_store
 
 DOC = document()
 SCHEMAS: dict[str, Any] = DOC["components"]["schemas"]
@@ -195,6 +200,12 @@ def requests(draw: st.DrawFn, path: str, op: dict[str, Any]) -> tuple[str, bytes
 def server(stack: RunningStack) -> Iterator[ApiServer]:  # noqa: F811
     srv = ApiServer(fresh_database_url(stack.info), stack.info.redis_url,
                     settings_with(ADMIN_TOKEN, "read-token-0123456789abcdef")).start()
+    # GET /api/archive reads the real S3 through a retention job, as in serve.
+    store = make_store(stack)
+    srv.run(store.start())
+    assert srv.view is not None
+    srv.view.retention = RetentionJob(RetentionPolicy(RetentionSettings(), store, "fuzz"),
+                                      srv.view.pool, LoopClock())
     try:
         for driver, cid in (("eagle-cloud", uuid.uuid4().hex[:6]),
                             ("http-json", "fuzz-" + uuid.uuid4().hex[:6])):
@@ -207,6 +218,7 @@ def server(stack: RunningStack) -> Iterator[ApiServer]:  # noqa: F811
         yield srv
     finally:
         KNOWN_IDS.clear()
+        srv.run(store.close())
         srv.stop()
 
 

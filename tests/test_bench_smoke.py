@@ -31,7 +31,8 @@ def _bench_args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     add_arguments(parser)
     args = parser.parse_args([
         "--devices", "50", "--interval", "1", "--duration", "3", "--warmup", "1",
-        "--no-wrk", "--no-rss-slope", "--json", str(tmp_path / "out" / "bench.json"), *extra])
+        "--no-wrk", "--no-rss-slope", "--json", str(tmp_path / "out" / "bench.json"),
+        "--storage-devices", "0", *extra])
     args.state_dir = str(tmp_path / "state")
     return args
 
@@ -58,7 +59,9 @@ def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str
                                               capsys: Any) -> None:
     settings = _settings(stack, fresh_db)
     stacks = tmp_path / "out" / "stacks.txt"
-    assert run_bench(settings, _bench_args(tmp_path, "--profile", str(stacks))) == 0
+    assert run_bench(settings, _bench_args(tmp_path, "--profile", str(stacks),
+                                           "--storage-devices", "20",
+                                           "--storage-hours", "1")) == 0
 
     doc = json.loads((tmp_path / "out" / "bench.json").read_text())
     main = doc["main"]
@@ -108,8 +111,16 @@ def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str
     assert profile["samples"] == sum(int(line.rsplit(" ", 1)[1])
                                      for line in stacks.read_text().splitlines())
 
+    # The storage measure: 20 devices for an hour at 1 s through the loader, then packed.
+    storage = doc["storage"]
+    assert storage["rows"] == 20 * 3600 and storage["loader_rows_per_s"] > 0
+    assert [p["rows"] for p in storage["raw"]] == [storage["rows"]]
+    assert [p["rows"] for p in storage["packed"]] == [0, storage["rows"]]
+    assert 0 < storage["packed_bytes_per_reading"] < storage["raw_bytes_per_reading"]
+
     out = capsys.readouterr().out
     assert "== 50 devices ==" in out and "== targets ==" in out
+    assert "raw bytes per reading" in out and "loader catch-up" in out
     assert "== profile: poller serve, main window ==" in out
 
 

@@ -97,6 +97,15 @@ def test_the_wheel_ships_every_migration(installed: Installed) -> None:
         assert (info.external_attr >> 16) & 0o170000 != 0o120000, name
 
 
+def test_the_wheel_ships_the_dashboard(installed: Installed) -> None:
+    static = PROJECT / "src" / "poller" / "ui" / "static"
+    want = sorted(str(p.relative_to(static)) for p in static.rglob("*") if p.is_file())
+    names = zipfile.ZipFile(installed.wheel).namelist()
+    shipped = sorted(n.removeprefix("poller/ui/static/") for n in names
+                     if n.startswith("poller/ui/static/"))
+    assert shipped == want and "vendor/uPlot.LICENSE.txt" in shipped
+
+
 def test_installed_without_extras(installed: Installed) -> None:
     python = str(installed.bin / "python")
     where = run([python, "-c", "import poller; print(poller.__file__)"], timeout_s=30)
@@ -173,6 +182,8 @@ def test_installed_wheel_migrates_and_serves(installed: Installed, stack: Runnin
             assert resp.status == 200
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
             assert b"poller_" in resp.read()
+        with urllib.request.urlopen(f"{base}/ui/vendor/uPlot.esm.js", timeout=10) as resp:
+            assert b"uPlot" in resp.read()  # the dashboard, from the installed package
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     finally:

@@ -29,10 +29,11 @@ from poller.clock import FakeClock
 from poller.config import PollingSettings
 from poller.drivers.base import DeviceSpec
 from poller.http import HttpRequest, HttpResponse
-from poller.polling import context, schedule
+from poller.polling import context, schedule, stats
 from poller.polling.adapt import FetchAdapter
 from poller.polling.memsink import MemorySink
 from poller.polling.pool import DevicePool
+from poller.polling.stats import OUTCOMES
 from poller.polling.target import DeviceState
 from poller.registry import DeviceRecord
 from poller.simulator.faults import Fault
@@ -146,6 +147,11 @@ async def rig() -> AsyncIterator[Rig]:
 
 def test_context_docstring_examples() -> None:
     result = doctest.testmod(context)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_stats_docstring_examples() -> None:
+    result = doctest.testmod(stats)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -349,6 +355,11 @@ async def test_fault_gives_outcome_state_and_spares_the_rest(
         else:
             # Backing off: fewer polls than ticks.
             assert t.failures is not None and 1 <= sum(t.failures) < 2.0 / interval
+        # Each failed poll reached the sink once, on its tick (for the rollups).
+        mine = [f for f in rig.sink.failures if f[0] == t.record.id]
+        assert len(mine) == sum(t.failures)
+        assert {OUTCOMES[f[2]].value for f in mine} == {outcome}
+        assert len({f[1] for f in mine}) == len(mine)
     ticks = rig.by_device()
     healthy = [i for i, (rec, _) in fleet.items() if rec.cloud_id not in bad]
     for device_id in healthy:

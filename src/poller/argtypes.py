@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 
 def seconds(text: str) -> float:
@@ -54,3 +54,23 @@ def moment(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"expected ISO 8601 or Unix seconds, got {text!r}") \
             from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def utc_day(text: str) -> date:
+    """A UTC day as YYYY-MM-DD."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a day as YYYY-MM-DD, got {text!r}") \
+            from None
+
+
+def whole(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value

@@ -168,6 +168,22 @@ def _grade(n: _Numbers, t: Thresholds) -> list[tuple[int, str]]:
     ]
 
 
+def _cluster_grade(cluster: Any) -> list[tuple[int, str]]:
+    """A warning per cluster member that holds no lease but did not leave
+    (kill -9, a lost host): its devices are polled by the others, and its
+    unuploaded spool waits for that instance id to start again."""
+    if not isinstance(cluster, dict) or not cluster.get("enabled"):
+        return []
+    graded: list[tuple[int, str]] = []
+    for gone in cluster.get("missing") or []:
+        if isinstance(gone, dict):
+            graded.append((WARNING, f"cluster member {gone.get('id')} missing for "
+                                    f"{float(gone.get('last_seen_s_ago') or 0):.0f} s"))
+    if cluster.get("store_up") is False:
+        graded.append((WARNING, "cluster membership store unreachable"))
+    return graded
+
+
 def _perfdata(n: _Numbers, t: Thresholds) -> str:
     return " ".join([
         f"polls_per_s={n.polls_per_s:g};;;0",
@@ -184,10 +200,11 @@ def run_check(url: str, token: str | None, thresholds: Thresholds,
               timeout_s: float) -> tuple[int, str]:
     """Ask the instance at ``url``; return (exit code, status line with perfdata)."""
     try:
-        numbers = _numbers(_fetch(url, token, timeout_s))
+        doc = _fetch(url, token, timeout_s)
+        numbers = _numbers(doc)
     except _Unknown as exc:
         return UNKNOWN, f"POLLER UNKNOWN - {exc}"
-    graded = _grade(numbers, thresholds)
+    graded = _grade(numbers, thresholds) + _cluster_grade(doc.get("cluster"))
     code = max(state for state, _ in graded)
     # The checks that fired come first, so a truncated line still says why.
     texts = [text + (f" ({_NAMES[state]})" if state else "")

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("list-users", "list registered devices (never a secret)", c.list_users)
     p.add_argument("--json", action="store_true", help="one JSON document")
 
+    from poller import importcmd
+
+    importcmd.import_arguments(cmd("import", importcmd.IMPORT_HELP, c.import_users))
+    importcmd.export_arguments(cmd("export-users", importcmd.EXPORT_HELP, c.export_users))
+
     p = cmd("simulate", "run a simulated fleet of EAGLE gateways (both protocols) with "
             "fault injection", c.simulate)
     p.add_argument("--devices", type=argtypes.count, default=1000, help="fleet size (default 1000)")
@@ -111,12 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", type=Path, default=None,
                    help="write the bound port here once listening")
 
-    p = cmd("replay", "reload Postgres from the S3 archive (idempotent)", c.replay)
-    p.add_argument("--since", type=argtypes.moment, required=True, metavar="TIME",
+    p = cmd("replay", "reload Postgres from the S3 archive (idempotent); a day retention "
+            "dropped comes back into its partition", c.replay)
+    p.add_argument("--since", type=argtypes.moment, default=None, metavar="TIME",
                    help="first tick time to load: ISO 8601 (UTC if no offset) or Unix seconds")
-    p.add_argument("--until", type=argtypes.moment, required=True, metavar="TIME",
+    p.add_argument("--until", type=argtypes.moment, default=None, metavar="TIME",
                    help="load tick times before this")
+    p.add_argument("--day", type=argtypes.utc_day, default=None, metavar="YYYY-MM-DD",
+                   help="load one whole UTC day (instead of --since/--until)")
     p.add_argument("--prefix", default=None, help="archive key prefix (default s3.prefix)")
+
+    p = cmd("retention", "show what each storage level holds and what retention would drop "
+            "and why; --apply drops it (raw days only once S3 holds all of them)", c.retention)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", dest="apply", action="store_false", default=False,
+                      help="decide and show, change nothing (the default)")
+    mode.add_argument("--apply", dest="apply", action="store_true",
+                      help="drop what the policy lets go")
+
+    p = cmd("archive", "the archive bucket's lifecycle rule: colder storage after "
+            "retention.archive_cold_after_days, never deleting by default", c.archive)
+    p.add_argument("action", choices=("lifecycle",))
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--show", dest="apply", action="store_false", default=False,
+                      help="show the rule, the bucket's rules and whether the server can "
+                      "apply it (the default)")
+    mode.add_argument("--apply", dest="apply", action="store_true",
+                      help="set the rule on the bucket, keeping its other rules")
+
+    p = cmd("compact", "pack closed days' raw readings into one row per device and hour "
+            "(about a tenth of the bytes; readings_all() reads both forms)", c.compact)
+    p.add_argument("--day", type=argtypes.utc_day, default=None, metavar="YYYY-MM-DD",
+                   help="compact this UTC day only (default: every closed day with raw rows)")
+    p.add_argument("--dry-run", action="store_true", help="count what would be packed; "
+                   "change nothing")
+    p.add_argument("--batch-devices", type=argtypes.count, default=100, metavar="N",
+                   help="devices per transaction (default 100)")
 
     from poller.bench.run import add_arguments as bench_arguments
     from poller.bench.run import run_bench

@@ -208,6 +208,24 @@ class _NoBox(sealing.SecretBox):
         raise AssertionError("this command does not open secrets")
 
 
+def import_users(settings: Settings, args: argparse.Namespace) -> int:
+    from poller import importcmd
+
+    source = importcmd.read_source(args)  # bad flags or an unreadable file: no server touched
+    return _with_db(settings, lambda conn: importcmd.run_import(conn, settings, args, source))
+
+
+def export_users(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(conn: Conn) -> int:
+        from poller.importcmd import write_users
+        from poller.registry import Registry
+
+        write_users(await Registry(conn, _NoBox()).listing(), args)
+        return 0
+
+    return _with_db(settings, body)
+
+
 # -- the simulator --------------------------------------------------------------
 
 def simulate(settings: Settings, args: argparse.Namespace) -> int:
@@ -285,6 +303,15 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
     from poller.archive.replay import replay as run_replay
     from poller.archive.s3 import ArchiveStore
 
+    if args.day is not None:
+        if args.since is not None or args.until is not None:
+            raise UsageError("give --day, or --since and --until, not both")
+        from datetime import UTC, datetime, timedelta
+
+        args.since = datetime(args.day.year, args.day.month, args.day.day, tzinfo=UTC)
+        args.until = args.since + timedelta(days=1)
+    if args.since is None or args.until is None:
+        raise UsageError("give --since and --until, or --day")
     if args.until <= args.since:
         raise UsageError("--until must be after --since")
     ep = endpoints.resolve(settings, progress=progress)
@@ -311,9 +338,135 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
               f"{result.errors}")
         for issue in result.issues:
             print(f"  {issue}", file=sys.stderr)
+        if result.days_restored:
+            print("days retention had dropped, back in PostgreSQL (held "
+                  f"{settings.retention.replay_hold_days} days): "
+                  + ", ".join(d.isoformat() for d in result.days_restored))
         return 1 if result.errors else 0
 
     return run_async(main())
+
+
+def retention(settings: Settings, args: argparse.Namespace) -> int:
+    from poller import db
+    from poller import migrate as migrations
+    from poller.archive.s3 import ArchiveStore
+    from poller.retention.policy import Decision, RetentionPolicy
+
+    ep = endpoints.resolve(settings, progress=progress)
+
+    def show(d: Decision) -> None:
+        print(d.describe(), flush=True)
+        for line in d.details[:20]:
+            print(f"    {line}")
+        if len(d.details) > 20:
+            print(f"    ... and {len(d.details) - 20} more")
+
+    async def main() -> int:
+        store = ArchiveStore(ep.s3_endpoint_url, ep.bucket, settings.s3.region,
+                             settings.s3.access_key_id, settings.s3.secret_access_key)
+        await store.start()
+        try:
+            conn = await db.connect(ep.database_url)
+            try:
+                await migrations.migrate(conn)
+                policy = RetentionPolicy(settings.retention, store, settings.s3.prefix)
+                progress("retention: checking each partition past its level's age "
+                         "(a raw day: S3 listing, manifest, one count of its rows)")
+                report = await policy.run(conn, apply=args.apply, progress=show)
+            finally:
+                await conn.close()
+        finally:
+            await store.close()
+        print(f"\n{'level':7} {'keep':9} {'oldest':11} {'newest':11} {'rows':>14} {'size':>10}")
+        for lv in report.levels:
+            keep = f"{lv.keep_days} days" if lv.keep_days else "forever"
+            oldest, newest = str(lv.oldest or "-"), str(lv.newest or "-")
+            print(f"{lv.level:7} {keep:9} {oldest:11} {newest:11} "
+                  f"{'~' + format(lv.rows, ','):>14} {lv.bytes / 1e6:>7.1f} MB")
+        if report.skipped:
+            print(f"nothing done: {report.skipped}")
+            return 1
+        going = [d for d in report.decisions if d.drop]
+        blocked = report.blocked()
+        verb = "dropped" if args.apply else "would drop (dry run: nothing changed; --apply acts)"
+        print(f"\n{len(going)} partition(s) {verb}, {sum(d.bytes for d in going) / 1e6:.1f} MB; "
+              f"{sum(1 for d in report.decisions if d.blocked)} kept past their age"
+              + (": " + ", ".join(f"{lvl}/{why} {n}" for (lvl, why), n in sorted(blocked.items()))
+                 if blocked else ""))
+        return 0
+
+    return run_async(main())
+
+
+def archive(settings: Settings, args: argparse.Namespace) -> int:
+    from poller.archive import lifecycle
+    from poller.archive.s3 import ArchiveError, ArchiveStore
+
+    ep = endpoints.resolve(settings, progress=progress)
+
+    async def main() -> int:
+        store = ArchiveStore(ep.s3_endpoint_url, ep.bucket, settings.s3.region,
+                             settings.s3.access_key_id, settings.s3.secret_access_key)
+        await store.start()
+        try:
+            print(f"bucket {ep.bucket} at {ep.s3_endpoint_url or 'AWS S3'}")
+            if not args.apply:
+                state = await lifecycle.state(store, settings.retention, settings.s3.prefix)
+                print(f"server: {state.server or '(no Server header)'}")
+                for line in state.lines():
+                    print(line)
+                return 0
+            try:
+                state = await lifecycle.apply(store, settings.retention, settings.s3.prefix)
+            except ArchiveError as exc:
+                known = lifecycle.unsupported_reason(str(exc).rpartition("[server: ")[2]
+                                                     .rstrip("]"))
+                raise PollerError(f"lifecycle rule not applied: {exc}"
+                                  + (f"; {known}" if known else "")) from None
+        finally:
+            await store.close()
+        print(f"applied rule {lifecycle.RULE_ID}: {lifecycle.describe_rule(state.wanted)}")
+        if not state.in_place:
+            print("but reading it back shows something else:")
+            for line in state.lines():
+                print(f"  {line}")
+            return 1
+        return 0
+
+    return run_async(main())
+
+
+def compact(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from poller.ingest import compact as packing
+
+    async def body(conn: Conn) -> int:
+        now = datetime.now(UTC)
+        if args.day is not None:
+            if not packing.is_closed(args.day, now):
+                raise UsageError(f"{args.day} is not closed yet: a day may be compacted "
+                                 f"{packing.CLOSED_AFTER} after it ends (UTC)")
+            days = [args.day]
+        else:
+            days = await packing.closed_days(conn, now)
+        if not days:
+            print("nothing to compact: no closed day holds raw rows")
+        for day in days:
+            r = await packing.compact_day(conn, day, dry_run=args.dry_run,
+                                          batch_devices=args.batch_devices, progress=progress)
+            if r.dry_run:
+                print(f"{day}: would pack {r.raw_rows_before:,} raw rows "
+                      f"({r.packed_rows_before:,} packed already; {r.bytes_before:,} bytes now)")
+            else:
+                print(f"{day}: packed {r.rows_moved:,} raw rows into {r.hours_written:,} "
+                      f"device-hours; {r.bytes_before:,} -> {r.bytes_after:,} bytes"
+                      + ("" if r.truncated or not r.rows_moved
+                         else " (late rows arrived meanwhile: compact again)"))
+        return 0
+
+    return _with_db(settings, body)
 
 
 def check(settings: Settings, args: argparse.Namespace) -> int:

@@ -202,6 +202,69 @@ class ApiSettings:
                                       "running longer", min=0.01, max=3600)
 
 
+# Storage classes a lifecycle rule may move archive objects to (AWS names,
+# lower case here as every choice is; the rule sends them upper case).
+STORAGE_CLASSES = ("standard_ia", "onezone_ia", "intelligent_tiering", "glacier_ir",
+                   "glacier", "deep_archive")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    # Defaults argued in the README ("Data lifecycle"): raw rows are the
+    # costliest and S3 keeps them all; rollups are small and answer the
+    # long charts. A coarser level never goes before a finer one.
+    raw_days: int = _opt(14, "days of raw readings kept in PostgreSQL (whole UTC days before "
+                         "today; a day goes only once S3 holds all of it); 0: forever",
+                         min=0, max=36500)
+    minute_days: int = _opt(90, "days of per-minute rollups kept; 0: forever", min=0, max=36500)
+    hour_days: int = _opt(0, "days of per-hour rollups kept; 0: forever", min=0, max=36500)
+    run_at_hour_utc: int = _opt(3, "UTC hour at which serve applies retention each day",
+                                min=0, max=23)
+    compact: bool = _opt(True, "after the daily retention run, pack each closed day's raw "
+                         "readings into one row per device and hour (schema/007: about a "
+                         "tenth of the bytes, every reading kept exactly)")
+    replay_hold_days: int = _opt(7, "days a raw day reloaded by poller replay stays before "
+                                 "retention may drop it again", min=0, max=36500)
+    archive_cold_after_days: int = _opt(30, "poller archive lifecycle: days after upload at "
+                                        "which archive objects move to archive_storage_class",
+                                        min=1, max=36500)
+    archive_storage_class: str = _opt("glacier_ir", "the colder S3 storage class archive "
+                                      "objects move to (glacier_ir: read in milliseconds, "
+                                      "so poller replay needs no restore)",
+                                      choices=STORAGE_CLASSES)
+    archive_expire_days: int = _opt(0, "poller archive lifecycle: days after upload at which "
+                                    "S3 deletes archive objects; 0: never (the default: the "
+                                    "archive is the complete record)", min=0, max=36500)
+
+
+@dataclass(frozen=True, slots=True)
+class RollupSettings:
+    enabled: bool = _opt(True, "keep the per-minute and per-hour rollups (a worker in serve)")
+    settle_s: float = _opt(30.0, "seconds after a minute (or an hour) ends before its rollup "
+                           "is computed; later data marks it again", min=0, max=86400)
+    interval_s: float = _opt(5.0, "seconds between two looks for dirty buckets", min=0.1,
+                             max=3600)
+    batch_minutes: int = _opt(10, "minutes recomputed per transaction", min=1, max=1440)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    # Membership in Redis, devices by rendezvous hashing (poller.cluster);
+    # the README's "Running a cluster" argues the defaults.
+    enabled: bool = _opt(False, "share the fleet with the live instances of the same "
+                         "cluster.name, by themselves (instead of polling.shard)")
+    name: str = _opt("poller", "the cluster's name: its Redis keys and, unless "
+                     "polling.phase_seed is set, the devices' phase seed (the same on every "
+                     "member, so a moved device keeps its ticks)", form="instance")
+    heartbeat_s: float = _opt(1.0, "seconds between two renewals of this instance's lease "
+                              "(and looks at the view)", min=0.05, max=60)
+    lease_s: float = _opt(3.0, "a member not renewed for this long is gone and its devices "
+                          "move; lease_s + heartbeat_s below the shortest poll interval "
+                          "gives failover within two intervals", min=0.2, max=600)
+    handoff_timeout_s: float = _opt(10.0, "a graceful stop waits at most this long for the "
+                                    "other members to take its devices over", min=0, max=600)
+
+
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
@@ -219,6 +282,9 @@ class Settings:
     polling: PollingSettings = field(default_factory=PollingSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    rollups: RollupSettings = field(default_factory=RollupSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -460,10 +526,46 @@ def _cross_check(s: Settings) -> None:
             s.api.host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError("api.host", "with no api.admin_token or api.read_token the API "
                           f"binds only to loopback (127.0.0.1, ::1), got {s.api.host!r}")
+    _check_retention(s.retention)
+    _check_cluster(s)
     for key in ("admin_token", "read_token"):
         token = getattr(s.api, key)
         if token and len(token) < 16:
             raise ConfigError(f"api.{key}", "expected a token of at least 16 characters")
+
+
+def _check_cluster(s: Settings) -> None:
+    c = s.cluster
+    if c.enabled and s.polling.shard is not None:
+        raise ConfigError("polling.shard", "must be empty with cluster.enabled (the cluster "
+                          f"assigns devices itself), got {s.polling.shard}")
+    if c.lease_s < 2 * c.heartbeat_s:
+        raise ConfigError("cluster.lease_s", "must be at least twice cluster.heartbeat_s "
+                          f"({c.heartbeat_s:g}), so one late heartbeat does not end the "
+                          f"lease; got {c.lease_s:g}")
+
+
+def _check_retention(r: RetentionSettings) -> None:
+    """A coarser level is kept at least as long as a finer one (0: forever),
+    so a chart never finds a finer level where the coarser one is gone."""
+    def keep(days: int) -> float:
+        return float("inf") if days == 0 else days
+
+    for finer, coarser in (("raw_days", "minute_days"), ("minute_days", "hour_days")):
+        if keep(getattr(r, coarser)) < keep(getattr(r, finer)):
+            shown = getattr(r, finer) or "0 (forever)"
+            raise ConfigError(f"retention.{coarser}", f"must keep at least as long as "
+                              f"retention.{finer} ({shown}), or 0 for forever; got "
+                              f"{getattr(r, coarser)}")
+    if r.archive_storage_class in ("standard_ia", "onezone_ia") and \
+            r.archive_cold_after_days < 30:
+        # S3 refuses such a rule: the infrequent-access classes bill 30 days anyway.
+        raise ConfigError("retention.archive_cold_after_days", "must be at least 30 for "
+                          f"{r.archive_storage_class}; got {r.archive_cold_after_days}")
+    if r.archive_expire_days and r.archive_expire_days <= r.archive_cold_after_days:
+        raise ConfigError("retention.archive_expire_days", "must be 0 (never delete) or later "
+                          f"than retention.archive_cold_after_days "
+                          f"({r.archive_cold_after_days}); got {r.archive_expire_days}")
 
 
 def parse_override(text: str) -> tuple[str, str]:

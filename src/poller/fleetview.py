@@ -19,18 +19,22 @@ from poller.api.view import FleetSnapshot
 from poller.archive.fetch import EvictedSegments
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
+from poller.cluster.membership import Membership
 from poller.config import Settings
 from poller.db import ConnectionSource
 from poller.ingest.livestate import LiveState
 from poller.ingest.pipeline import Ingest
 from poller.ingest.spool import SpoolError, SpoolUsage
 from poller.polling.engine import PollingEngine
-from poller.polling.stats import LogHistogram
+from poller.polling.stats import LogHistogram, Window
 from poller.polling.target import DeviceState
+from poller.retention.job import RetentionJob
 from poller.sealing import SecretBox
 from poller.tasks import Supervisor
 
 RATE_WINDOW_S = 60.0
+LATENESS_WINDOW_S = 3600.0
+LATENESS_MARK_S = 60.0
 SAMPLE_EVERY_S = 5.0
 HEARTBEAT_S = 1.0
 
@@ -59,7 +63,14 @@ class FleetView:
         self.polling = True
         """False from the start of a stop on."""
         self._samples: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
+        self._late_hour = Window(engine.pool.stats.lateness, span_s=LATENESS_WINDOW_S,
+                                 every_s=LATENESS_MARK_S)
         self._heartbeat_at = self._clock.monotonic()
+        self.retention: RetentionJob | None = None
+        """The daily retention run (/metrics, /api/archive); set by the service."""
+        self.cluster: Membership | None = None
+        """This instance's cluster membership (/api/fleet, /metrics); set by the
+        service when ``cluster.enabled``."""
 
     # -- ServiceView ----------------------------------------------------------------
 
@@ -98,6 +109,7 @@ class FleetView:
         ingest = self._ingest
         stats = pool.stats
         totals = stats.outcome_counts()
+        now = self._clock.monotonic()
         up = self._uploader.stats() if self._uploader is not None else None
         try:
             usage = ingest.spool.usage()
@@ -117,6 +129,9 @@ class FleetView:
             lateness_p50_s=stats.lateness.quantile(0.5),
             lateness_p99_s=stats.lateness.quantile(0.99),
             lateness_max_s=stats.lateness.max,
+            lateness_window_p50_s=self._late_hour.quantile(0.5, now),
+            lateness_window_p99_s=self._late_hour.quantile(0.99, now),
+            lateness_window_s=self._late_hour.span(now),
             skipped_ticks=stats.skipped_ticks,
             backpressure_skips=stats.backpressure_skips,
             in_flight=pool.in_flight,
@@ -160,11 +175,13 @@ class FleetView:
     # -- its background loops ---------------------------------------------------------
 
     async def sample_rates(self) -> None:
-        """Keep a minute of outcome totals, for the rates of :meth:`fleet`."""
+        """Keep a minute of outcome totals, for the rates of :meth:`fleet`, and
+        an hour of lateness marks."""
         clock = self._clock
         while True:
             now = clock.monotonic()
             self._samples.append((now, self._engine.pool.stats.outcome_counts()))
+            self._late_hour.mark(now)
             while self._samples and now - self._samples[0][0] > RATE_WINDOW_S:
                 self._samples.popleft()
             await clock.sleep(SAMPLE_EVERY_S)

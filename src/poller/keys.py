@@ -19,3 +19,11 @@ and error, consecutive failures, failure counts by outcome)."""
 def failures(cloud_id: str) -> str:
     """Hash: outcome -> count of failed polls of one device."""
     return f"{PREFIX}failures:{cloud_id}"
+
+
+def cluster(name: str, part: str) -> str:
+    """A key of cluster ``name`` (``poller.cluster``): ``members``, a sorted
+    set of member id -> lease expiry (ms, the store's clock); ``info``, a hash
+    of member id -> JSON status; ``seen``, a hash of member id -> its last
+    heartbeat (ms), kept after its lease ends so that a missing member shows."""
+    return f"{PREFIX}cluster:{name}:{part}"

@@ -106,4 +106,9 @@ async def ensure_partitions(conn: Conn, days_ahead: int = 3) -> int:
     made: int = await conn.fetchval(
         "SELECT poller_ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, $1)",
         days_ahead + 2)
+    # And those of the rollups and failed polls (schema/005), when migrated.
+    if await conn.fetchval("SELECT to_regproc('poller_ensure_rollup_partitions') IS NOT NULL"):
+        made += await conn.fetchval(
+            "SELECT poller_ensure_rollup_partitions((now() AT TIME ZONE 'UTC')::date - 1, $1)",
+            days_ahead + 2)
     return made

@@ -127,7 +127,7 @@ def check_cloud_id(cloud_id: str, driver: str) -> str:
     if not _GENERIC_ID_RE.fullmatch(cloud_id):
         raise UsageError(f"malformed device id {cloud_id!r}: expected 1-64 of "
                          "A-Z a-z 0-9 _ . : - starting with a letter or digit")
-    return _normalise_id(cloud_id)
+    return normalise_id(cloud_id)
 
 
 def check_email(email: str, driver: str) -> str:
@@ -242,6 +242,34 @@ def check_options(driver: str, cloud_id: str, email: str, url: str | None,
     return options
 
 
+def check_device(cloud_id: str, *, email: str, driver: str, url: str | None,
+                 interval_s: float, options: dict[str, Any], secret: str | None,
+                 ) -> tuple[str, str, str, str | None, float]:
+    """Every check of a registration that needs no server (all of
+    :meth:`Registry.add`'s but resolving the URL's host): the normalised
+    ``(cloud_id, email, driver, url, interval_s)``. ``secret`` None: the
+    stored one is kept. ``poller import`` checks each row with it."""
+    driver = check_driver(driver)
+    cloud_id = check_cloud_id(cloud_id, driver)
+    email = check_email(email, driver)
+    url = check_url(url, driver)
+    interval_s = check_interval(interval_s)
+    check_options(driver, cloud_id, email, url, options, secret)
+    return cloud_id, email, driver, url, interval_s
+
+
+def check_move(current: DeviceRecord, driver: str, url: str | None,
+               secret: str | None) -> None:
+    """Refuse to point a stored password at a new URL or driver: moving a
+    device needs its password again (the sealed one is bound to both)."""
+    if secret is None and (url != current.url or driver != current.driver):
+        what = "URL" if url != current.url else "driver"
+        raise UsageError(
+            f"changing the {what} of {current.cloud_id} needs its password again "
+            "(update-user --change-password or --password-stdin; \"password\" in "
+            "the API or the import file): a stored password is never sent to a new address")
+
+
 async def sealed_count(conn: Conn) -> int:
     """Devices holding sealed credentials (removal wipes them): while any do,
     a lost key file must not be replaced by a new key (:func:`load_key`)."""
@@ -278,13 +306,9 @@ class Registry:
     async def add(self, cloud_id: str, *, email: str, driver: str, url: str | None,
                   interval_s: float, options: dict[str, Any], secret: str,
                   enabled: bool = True) -> DeviceRecord:
-        driver = check_driver(driver)
-        cloud_id = check_cloud_id(cloud_id, driver)
-        email = check_email(email, driver)
-        url = check_url(url, driver)
-        interval_s = check_interval(interval_s)
-        check_secret(secret)
-        check_options(driver, cloud_id, email, url, options, secret)
+        cloud_id, email, driver, url, interval_s = check_device(
+            cloud_id, email=email, driver=driver, url=url, interval_s=interval_s,
+            options=options, secret=check_secret(secret))
         await check_url_addresses(url, self._policy, cloud_id)
         sealed = self._box.seal(secret, cloud_id=cloud_id, driver=driver, url=url)
         async with self._conn.transaction():
@@ -311,7 +335,7 @@ class Registry:
         async with self._conn.transaction():
             row = await self._conn.fetchrow(
                 f"SELECT {_COLUMNS}, sealed_secret FROM devices WHERE cloud_id = $1 "
-                "AND removed_at IS NULL FOR UPDATE", _normalise_id(cloud_id))
+                "AND removed_at IS NULL FOR UPDATE", normalise_id(cloud_id))
             if row is None:
                 raise NotFoundError(f"no device {cloud_id!r} is registered")
             current = _record(row)
@@ -322,13 +346,7 @@ class Registry:
                                 new_driver)
             new_interval = check_interval(interval_s) if interval_s is not None \
                 else current.interval_s
-            moved = new_url != current.url or new_driver != current.driver
-            if moved and secret is None:
-                what = "URL" if new_url != current.url else "driver"
-                raise UsageError(
-                    f"changing the {what} of {current.cloud_id} needs its password again "
-                    "(update-user --change-password or --password-stdin; \"password\" in "
-                    "the API): a stored password is never sent to a new address")
+            check_move(current, new_driver, new_url, secret)
             check_options(new_driver, current.cloud_id, new_email, new_url,
                           current.options if options is None else options, secret)
             if new_url != current.url:
@@ -362,7 +380,7 @@ class Registry:
                 f"""UPDATE devices SET removed_at = now(), updated_at = now(),
                            enabled = false, sealed_secret = NULL
                     WHERE cloud_id = $1 AND removed_at IS NULL RETURNING {_COLUMNS}""",
-                _normalise_id(cloud_id))
+                normalise_id(cloud_id))
             if row is None:
                 raise NotFoundError(f"no device {cloud_id!r} is registered")
             await self._notify(row["cloud_id"])
@@ -371,7 +389,7 @@ class Registry:
     async def get(self, cloud_id: str) -> DeviceRecord:
         row = await self._conn.fetchrow(
             f"SELECT {_COLUMNS} FROM devices WHERE cloud_id = $1 AND removed_at IS NULL",
-            _normalise_id(cloud_id))
+            normalise_id(cloud_id))
         if row is None:
             raise NotFoundError(f"no device {cloud_id!r} is registered")
         return _record(row)
@@ -388,6 +406,15 @@ class Registry:
             f"SELECT {_COLUMNS} FROM devices WHERE removed_at IS NULL "
             "AND id = ANY($1::bigint[]) ORDER BY id", ids)
         return [_record(r) for r in rows]
+
+    async def existing(self, cloud_ids: list[str]) -> dict[str, tuple[DeviceRecord, bytes]]:
+        """The registered devices among ``cloud_ids`` (as stored, see
+        :func:`normalise_id`) with their sealed secrets, by cloud id: what
+        ``poller import`` compares its rows with."""
+        rows = await self._conn.fetch(
+            f"SELECT {_COLUMNS}, sealed_secret FROM devices WHERE removed_at IS NULL "
+            "AND cloud_id = ANY($1::text[])", cloud_ids)
+        return {r["cloud_id"]: (_record(r), r["sealed_secret"]) for r in rows}
 
     async def specs(self, *, ids: list[int] | None = None,
                     cloud_ids: list[str] | None = None,
@@ -537,5 +564,6 @@ def open_row(row: Row, box: SecretBox) -> tuple[DeviceRecord, DeviceSpec] | None
     return rec, DeviceSpec(rec.id, rec.cloud_id, rec.email, secret, rec.url, rec.options)
 
 
-def _normalise_id(cloud_id: str) -> str:
+def normalise_id(cloud_id: str) -> str:
+    """A device id as the registry stores it: EAGLE ids in lower case."""
     return cloud_id.lower() if _EAGLE_ID_RE.match(cloud_id) else cloud_id

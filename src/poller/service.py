@@ -4,14 +4,17 @@ Start order (each part needs the ones before it):
   servers (configured or embedded) -> sealing key -> Postgres (pools,
   migrations, the instance lock; or, while Postgres is down, the registry
   snapshot) -> S3 client -> ingest (spool, loader, uploader, Redis live
-  state) -> polling (transports, device pool, registry watcher) ->
+  state) -> cluster membership (``[cluster]``: the join gives the first
+  view) -> polling (transports, device pool, registry watcher) ->
   supervised background tasks -> HTTP API -> READY.
 
 Each part's teardown is pushed on one ``AsyncExitStack`` as the part starts,
 so a start that fails half-way undoes exactly what it did, in reverse, and
 ``stop()`` runs the same teardowns. The stop order is therefore the start
 order reversed, and it is the order in which no reading can be lost:
-  API -> background tasks -> stop polling (polls in flight finish) -> flush
+  API -> background tasks -> hand the devices to the other cluster members
+  (``[cluster]``: they poll them before this one stops) -> stop polling (polls
+  in flight finish) -> leave the cluster store -> flush
   the buffer -> COPY -> close the hour files -> upload (those four inside
   ``Ingest.stop``) -> S3 client -> close the Postgres pools (and release the
   instance lock).
@@ -35,14 +38,19 @@ from poller.archive.fetch import EvictedSegments
 from poller.archive.s3 import ArchiveStore
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
+from poller.cluster.membership import Membership
 from poller.config import Settings, Shard
 from poller.fleetview import FleetView
+from poller.ingest.failures import FailureLog
 from poller.ingest.livestate import LiveState
 from poller.ingest.pgload import PgLoader
 from poller.ingest.pipeline import Ingest
 from poller.ingest.spool import Spool
 from poller.polling.engine import PollingEngine
 from poller.registry import registry_key
+from poller.retention.job import RetentionJob
+from poller.retention.policy import RetentionPolicy
+from poller.rollups.worker import RollupWorker, mark_minutes
 from poller.tasks import FatalTaskError, Supervisor
 
 log = logging.getLogger("poller.service")
@@ -72,6 +80,9 @@ class Service:
         self.uploader: Uploader | None = None
         self.live: LiveState | None = None
         self.view: FleetView | None = None
+        self.retention: RetentionJob | None = None
+        self.rollups: RollupWorker | None = None
+        self.membership: Membership | None = None
         self.supervisor = Supervisor(clock=self.clock)
         self.api_port: int | None = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -132,6 +143,13 @@ class Service:
         # Segments the uploader evicts unloaded (spool past its high-water
         # mark) load from S3, under the same checkpoints.
         loader.archived = evicted = EvictedSegments(store, spool.directory, s.instance_id)
+        # Rollups: each load marks the minutes it touched, in its transaction;
+        # the worker (spawned below) recomputes them once settled.
+        failure_log = None
+        if s.rollups.enabled:
+            loader.mark_dirty = mark_minutes
+            failure_log = FailureLog(database.waiting, mark_minutes)
+            self.rollups = RollupWorker(database.waiting, s.rollups, self.clock)
 
         async def delete_segment(name: str) -> None:
             await spool.delete(name)
@@ -145,10 +163,18 @@ class Service:
                                  evict=spool.delete, supervisor=self.supervisor.child(),
                                  shed_unarchived=s.ingest.shed_unarchived)
         snapshot_path = snapshot.path_for(s.state_dir, s.instance_id)
+        if s.cluster.enabled:
+            self.membership = Membership(
+                s.cluster, s.instance_id, ep.redis_url, self.clock, state_dir=Path(s.state_dir),
+                supervisor=self.supervisor.child(), started_at=self.started_at)
+        # In a cluster every member gives a device the same phase, so a device
+        # that moves keeps its ticks (a tick polled by two members is one row).
+        seed = s.polling.phase_seed or (s.cluster.name if s.cluster.enabled else s.instance_id)
         self.engine = engine = PollingEngine(
             s.polling, ep.database_url, self.box, _LateSink(),
-            seed=s.polling.phase_seed or s.instance_id, clock=self.clock,
-            snapshot_path=snapshot_path, supervisor=self.supervisor.child())
+            seed=seed, clock=self.clock,
+            snapshot_path=snapshot_path, supervisor=self.supervisor.child(),
+            fence=self.membership.lease.valid if self.membership is not None else None)
         initial = None
         if offline is not None:
             initial = await self._from_snapshot(offline, snapshot_path, engine.shard)
@@ -157,7 +183,8 @@ class Service:
         # Ingest's and the uploader's tasks stop at their places in the stop
         # order, not with the others: children of the supervisor.
         self.ingest = ingest = Ingest(s.ingest, spool, loader, self.uploader, self.live,
-                                      self.clock, supervisor=self.supervisor.child())
+                                      self.clock, supervisor=self.supervisor.child(),
+                                      failures=failure_log)
         pool.set_sink(ingest)
         self.view = view = FleetView(
             s, self.box, database.api, engine, ingest, self.uploader, self.live,
@@ -166,20 +193,39 @@ class Service:
 
         stack.push_async_callback(self._stop_ingest)  # flush -> COPY -> close hour -> upload
         await ingest.start()
+        if self.membership is not None:
+            # Join before polling starts: the first view decides what to poll.
+            view.cluster = self.membership
+            stack.push_async_callback(self.membership.close)
+            await self.membership.start()
+            self.membership.attach(engine.watcher, engine.pool)
         stack.push_async_callback(self._stop_polling)
         await engine.start(initial)
+        if self.membership is not None:
+            # Unwound before polling stops: the others take the devices first.
+            stack.push_async_callback(self._leave_cluster)
 
         stack.push_async_callback(self.supervisor.stop)
         self.supervisor.spawn("database", database.keep)
         self.supervisor.spawn("partition-keeper", self._partition_keeper)
+        # Daily, at retention.run_at_hour_utc: raw days leave only once S3 has them.
+        self.retention = RetentionJob(
+            RetentionPolicy(s.retention, store, s.s3.prefix, wall=self.clock.wall),
+            database, self.clock)
+        view.retention = self.retention
+        self.supervisor.spawn("retention", self.retention.run)
         self.supervisor.spawn("rate-sampler", view.sample_rates)
         self.supervisor.spawn("heartbeat", view.heartbeat)
+        if self.rollups is not None:
+            self.supervisor.spawn("rollups", self.rollups.run)
         if s.api.enabled:
             from poller.api.app import start_api, stop_api
 
             runner, self.api_port = await start_api(view, s.api.host, s.api.port)
             stack.push_async_callback(stop_api, runner)
-            log.info("API on http://%s:%d", s.api.host, self.api_port)
+            log.info("API on http://%s:%d (dashboard at /ui/)", s.api.host, self.api_port)
+            if self.membership is not None:
+                self.membership.api_url = f"http://{s.api.host}:{self.api_port}"
         log.info("serving %d device(s) as instance %s", len(pool.loops), s.instance_id)
 
     async def _open_database(self, database: db.Database) -> db.DatabaseUnavailable | None:
@@ -231,7 +277,7 @@ class Service:
             from poller.api.app import check_exposure
 
             check_exposure(fresh.api, old.api.host)
-        fixed = ("database", "redis", "s3", "state_dir", "instance_id")
+        fixed = ("database", "redis", "s3", "state_dir", "instance_id", "cluster")
         needs_restart = [k for k in fixed if getattr(fresh, k) != getattr(old, k)]
         if (fresh.api.host, fresh.api.port, fresh.api.enabled) != \
                 (old.api.host, old.api.port, old.api.enabled):
@@ -287,6 +333,11 @@ class Service:
         assert self.engine is not None
         await self.engine.stop(min(self.settings.polling.timeout_s + 0.5,
                                    max(0.1, self._deadline - self.clock.monotonic())))
+
+    async def _leave_cluster(self) -> None:
+        assert self.membership is not None
+        # Leave time to stop polling within the grace period after the handoff.
+        await self.membership.leave(self._deadline - self.settings.polling.timeout_s - 0.5)
 
     async def _stop_ingest(self) -> None:
         assert self.ingest is not None

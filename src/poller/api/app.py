@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from poller.api import metrics, openapi, routes_devices, routes_event, routes_fleet, routes_health
+from poller.api import (
+    metrics,
+    openapi,
+    routes_archive,
+    routes_devices,
+    routes_event,
+    routes_fleet,
+    routes_health,
+    routes_import,
+    routes_ui,
+)
 from poller.api.auth import (
     Access,
     is_loopback,
@@ -52,7 +62,9 @@ def make_app(view: ServiceView, bound_host: str | None = None) -> web.Applicatio
     app[routes_devices.LISTING_COST] = routes_devices.ListingCost()
     app[OPENAPI_DOC] = openapi.document()
     app[routes_health.METRICS_REGISTRY] = metrics.make_registry(view)
-    for module in (routes_event, routes_devices, routes_fleet, routes_health):
+    app[routes_ui.STATIC] = routes_ui.load_static()
+    for module in (routes_event, routes_devices, routes_fleet, routes_health, routes_ui,
+                   routes_import, routes_archive):
         app.add_routes(module.routes)
     app.router.add_get("/api/openapi.json", get_openapi)
     return app

@@ -51,6 +51,9 @@ def requires(access: Access) -> Callable[[Handler], Handler]:
 
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 _JSON = "application/json"
+_BODY_TYPES = frozenset({_JSON, "application/x-ndjson"})
+"""What a write may carry: types a browser sends cross-site only after a
+CORS preflight (NDJSON: ``POST /api/users:import``)."""
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -125,7 +128,7 @@ def make_origin_middleware(settings: Callable[[], ApiSettings], bound_host: str)
                            "(a request for another name is refused as a DNS-rebinding guard)")
         # A write without a body (DELETE) needs no type: a browser sends a
         # DELETE cross-site only after a preflight, which this API never grants.
-        if access is Access.WRITE and request.content_type != _JSON and \
+        if access is Access.WRITE and request.content_type not in _BODY_TYPES and \
                 (request.body_exists or request.method in _BODY_METHODS):
             raise ApiError(415, "unsupported_media_type",
                            f"writes take a JSON body with Content-Type: {_JSON}")

@@ -20,7 +20,9 @@ from prometheus_client.core import (
 
 from poller import heap
 from poller.api.view import MetricsView
+from poller.cluster.membership import Membership
 from poller.polling.stats import LogHistogram
+from poller.retention.job import RetentionJob
 
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 GC_PAUSE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -155,6 +157,8 @@ class ServiceCollector:
         yield _gauge("poller_start_time_seconds", "Unix time the service started.",
                      snap.started_at)
         yield from _gc_families()
+        yield from _retention_families(getattr(view, "retention", None))
+        yield from _cluster_families(getattr(view, "cluster", None))
 
 
 def _gc_families() -> Iterator[Metric]:
@@ -187,3 +191,61 @@ def make_registry(view: MetricsView) -> CollectorRegistry:
 def render(registry: CollectorRegistry) -> bytes:
     """The exposition text of ``registry``."""
     return bytes(generate_latest(registry))
+
+
+def _retention_families(job: RetentionJob | None) -> Iterator[Metric]:
+    """The last daily retention run (absent from a process that runs none)."""
+    if job is None:
+        return
+    blocked = GaugeMetricFamily(
+        "poller_retention_blocked_days", "Partitions kept past their level's retention at "
+        "the last run, by reason (raw: segment_missing, size_mismatch, not_loaded, "
+        "rows_unaccounted, rollups_pending, s3_unavailable, ...).", labels=["level", "reason"])
+    report = job.last
+    if report is not None:
+        for (level, reason), n in sorted(report.blocked().items()):
+            blocked.add_metric([level, reason], n)
+    yield blocked
+    dropped = CounterMetricFamily("poller_retention_dropped_partitions",
+                                  "Partitions retention dropped since start, by level.",
+                                  labels=["level"])
+    for level in ("raw", "minute", "hour"):
+        dropped.add_metric([level], job.dropped_total[level])
+    yield dropped
+    yield CounterMetricFamily("poller_retention_packed_readings", "Raw readings packed into "
+                              "one row per device and hour (schema/007) since start.",
+                              value=job.compacted_rows)
+    yield CounterMetricFamily("poller_retention_run_failures", "Daily retention runs that "
+                              "could not reach PostgreSQL (tried again an hour later).",
+                              value=job.failures)
+    yield _gauge("poller_retention_last_run_timestamp_seconds",
+                 "Unix time of the last retention run (0: none yet).",
+                 report.at if report is not None else 0.0)
+
+
+
+def _cluster_families(membership: Membership | None) -> Iterator[Metric]:
+    """Membership gauges and handoff counters (nothing outside a cluster)."""
+    if membership is None:
+        return
+    status = membership.status()
+    yield _gauge("poller_cluster_members", "Members in this instance's view of its cluster.",
+                 len(status["view"]))
+    yield _gauge("poller_cluster_members_missing", "Members seen in the last day that hold "
+                 "no lease now (stopped without leaving: kill -9, a lost host).",
+                 len(status["missing"]))
+    yield _gauge("poller_cluster_lease_valid", "1 while this instance may poll (its lease "
+                 "is valid, or the membership store is down and the last view stands).",
+                 1.0 if status["lease_valid"] else 0.0)
+    yield _gauge("poller_cluster_store_up", "1 if the membership store answered the last "
+                 "heartbeat.", 1.0 if status["store_up"] else 0.0)
+    for name, doc in (("view_changes", "Views applied (members joined or left)."),
+                      ("rejoins", "Times this instance found its lease ended and rejoined."),
+                      ("fences", "Times polling was held for want of a valid lease.")):
+        yield CounterMetricFamily(f"poller_cluster_{name}", doc, value=status[name])
+    handoffs = CounterMetricFamily("poller_cluster_handoffs", "Devices taken over from "
+                                   "(in) or given to (out) other members at view changes.",
+                                   labels=["direction"])
+    handoffs.add_metric(["in"], status["handoffs_in"])
+    handoffs.add_metric(["out"], status["handoffs_out"])
+    yield handoffs

@@ -33,6 +33,65 @@ _BOOL = {"type": "boolean"}
 _ANY_OBJECT: Schema = {"type": "object"}
 
 _SCHEMAS: dict[str, Schema] = {
+    "Registered": {
+        "type": "object", "required": ["registered", "disabled"],
+        "additionalProperties": False,
+        "properties": {"registered": {"type": "integer", "minimum": 0},
+                       "disabled": {"type": "integer", "minimum": 0}},
+    },
+    "Session": {
+        "type": "object", "required": ["access", "open"], "additionalProperties": False,
+        "properties": {"access": {"type": "string", "enum": ["admin", "read", "none"]},
+                       "open": {"type": "boolean", "description": "no token is configured: "
+                                "the API (on loopback) takes every request"}},
+    },
+    "ImportRow": {
+        "type": "object", "required": ["cloud_id"], "additionalProperties": False,
+        "description": "One device, as a row of `poller import`: a field left out keeps "
+                       "the registered value (a new device: add-user's default); a new "
+                       "device needs `password` (or `install_code`).",
+        "properties": {
+            "cloud_id": {"type": "string", "pattern": ID_PATTERN}, "email": _STR,
+            "password": {"type": "string", "writeOnly": True},
+            "install_code": {"type": "string", "writeOnly": True},
+            "driver": {"type": "string", "enum": ["eagle-cloud", "eagle-local", "http-json"]},
+            "url": _nullable("string"),
+            "interval_s": {"type": "number", "minimum": 0.1, "maximum": 86400},
+            "enabled": _BOOL, "fields": _ANY_OBJECT, "options": _ANY_OBJECT,
+        },
+    },
+    "ImportEntry": {
+        "type": "object", "required": ["cloud_id", "fields"], "additionalProperties": False,
+        "description": "A device added or changed (or that differs, left as it is); "
+                       "`line` (NDJSON) or `item` (JSON array) names its row.",
+        "properties": {"line": _INT, "item": _INT, "key": _STR, "cloud_id": _STR,
+                       "fields": {"type": "array", "items": _STR}},
+    },
+    "ImportRefusal": {
+        "type": "object", "required": ["cloud_id", "reason"], "additionalProperties": False,
+        "properties": {"line": _INT, "item": _INT, "key": _STR,
+                       "cloud_id": _nullable("string"), "reason": _STR},
+    },
+    "ImportReport": {
+        "type": "object", "additionalProperties": False,
+        "required": ["dry_run", "update", "rows", "counts", "added", "changed", "existing",
+                     "refused", "batches", "batches_written", "rows_written", "error",
+                     "error_code", "elapsed_s"],
+        "properties": {
+            "dry_run": _BOOL, "update": _BOOL, "rows": _INT,
+            "counts": {"type": "object", "additionalProperties": False,
+                       "required": ["added", "changed", "unchanged", "existing", "refused"],
+                       "properties": {k: _INT for k in ("added", "changed", "unchanged",
+                                                        "existing", "refused")}},
+            "added": {"type": "array", "items": _ref("ImportEntry")},
+            "changed": {"type": "array", "items": _ref("ImportEntry")},
+            "existing": {"type": "array", "items": _ref("ImportEntry")},
+            "refused": {"type": "array", "items": _ref("ImportRefusal")},
+            "batches": _INT, "batches_written": _INT, "rows_written": _INT,
+            "error": _nullable("string"), "error_code": _nullable("string"),
+            "elapsed_s": _NUM,
+        },
+    },
     "Error": {
         "type": "object", "required": ["error"], "additionalProperties": False,
         "properties": {"error": {
@@ -101,16 +160,70 @@ _SCHEMAS: dict[str, Schema] = {
         },
     },
     "Series": {
-        "type": "object", "required": ["cloud_id", "from", "to", "step_s", "points"],
+        "type": "object",
+        "required": ["cloud_id", "from", "to", "step_s", "level", "points"],
         "additionalProperties": False,
         "properties": {
             "cloud_id": _STR, "from": _STR, "to": _STR, "step_s": _INT,
+            "level": {"enum": ["raw", "minute", "hour"],
+                      "description": "the table that answered: raw readings, or the "
+                      "per-minute or per-hour rollups (picked from the step)"},
             "points": {"type": "array", "maxItems": MAX_POINTS, "items": {
-                "type": "object", "required": ["t", "min", "avg", "max", "count"],
+                "type": "object",
+                "required": ["t", "min", "avg", "max", "count", "energy_delivered_wh",
+                             "energy_received_wh", "failed"],
                 "additionalProperties": False,
                 "properties": {"t": _STR, "min": _nullable("number"),
                                "avg": _nullable("number"), "max": _nullable("number"),
-                               "count": _INT}}},
+                               "count": _INT,
+                               "energy_delivered_wh": _nullable("number"),
+                               "energy_received_wh": _nullable("number"),
+                               "failed": _nullable("integer")}}},
+        },
+    },
+    "FleetDemand": {
+        "type": "object", "required": ["from", "to", "step_s", "level", "points"],
+        "additionalProperties": False,
+        "properties": {
+            "from": _STR, "to": _STR, "step_s": _INT, "level": {"enum": ["minute"]},
+            "points": {"type": "array", "maxItems": MAX_POINTS, "items": {
+                "type": "object", "required": ["t", "total_w", "devices", "outcomes"],
+                "additionalProperties": False,
+                "properties": {"t": _STR, "total_w": _nullable("number"), "devices": _INT,
+                               "outcomes": {"type": "object",
+                                            "additionalProperties": _INT}}}},
+        },
+    },
+    "Archive": {
+        "type": "object", "required": ["days", "levels"], "additionalProperties": False,
+        "properties": {
+            "days": {"type": "array", "description": "Today first.", "items": {
+                "type": "object", "additionalProperties": False,
+                "required": ["day", "hours_expected", "hours_uploaded", "bytes", "missing",
+                             "behind"],
+                "properties": {
+                    "day": {"type": "string", "format": "date"},
+                    "hours_expected": {"type": "integer", "minimum": 0, "maximum": 24,
+                                       "description": "hours whose segments Postgres loaded"},
+                    "hours_uploaded": {"type": "integer", "minimum": 0, "maximum": 24,
+                                       "description": "of those, hours S3 holds verified "
+                                       "(every segment, at its size)"},
+                    "bytes": {"type": "integer", "minimum": 0,
+                              "description": "bytes S3 holds for the day"},
+                    "missing": {"type": "array", "items": {"type": "integer"},
+                                "description": "expected hours not verified (UTC)"},
+                    "behind": {"type": "boolean", "description": "a missing hour ended "
+                               "more than 15 minutes ago"}}}},
+            "levels": {"type": "array", "items": {
+                "type": "object", "additionalProperties": False,
+                "required": ["level", "keep_days", "oldest", "newest", "rows", "bytes"],
+                "properties": {
+                    "level": {"type": "string", "enum": ["raw", "minute", "hour"]},
+                    "keep_days": {"type": "integer", "minimum": 0,
+                                  "description": "retention; 0: forever"},
+                    "oldest": _nullable("string"), "newest": _nullable("string"),
+                    "rows": {"type": "integer", "description": "planner's estimate"},
+                    "bytes": {"type": "integer"}}}},
         },
     },
     "Fleet": {
@@ -118,7 +231,8 @@ _SCHEMAS: dict[str, Schema] = {
         "required": ["instance_id", "started_at", "devices", "devices_by_state",
                      "polls_by_outcome", "polls_by_driver_outcome", "polls_per_s",
                      "expected_polls_per_s", "lateness_p50_s", "lateness_p99_s",
-                     "lateness_max_s", "skipped_ticks", "backpressure_skips", "in_flight",
+                     "lateness_max_s", "lateness_window_p50_s", "lateness_window_p99_s",
+                     "lateness_window_s", "skipped_ticks", "backpressure_skips", "in_flight",
                      "buffer_rows", "rows_committed", "copy_batches", "ingest_lag_s",
                      "spool_bytes", "segments_pending_upload", "upload_failures",
                      "upload_lag_s", "disk_used_fraction", "disk_warning", "postgres_up",
@@ -136,7 +250,14 @@ _SCHEMAS: dict[str, Schema] = {
                 "additionalProperties": {"type": "object", "additionalProperties": _INT}},
             "polls_per_s": {"type": "object", "additionalProperties": _NUM},
             "expected_polls_per_s": _NUM, "lateness_p50_s": _NUM, "lateness_p99_s": _NUM,
-            "lateness_max_s": _NUM, "skipped_ticks": _INT, "backpressure_skips": _INT,
+            "cluster": {"type": "object", "description": "this instance's cluster "
+                        "membership: {\"enabled\": false} outside a cluster; else the "
+                        "members, their heartbeats and devices (see Running a cluster)"},
+            "lateness_max_s": _NUM,
+            "lateness_window_p50_s": _NUM, "lateness_window_p99_s": _NUM,
+            "lateness_window_s": {"type": "number", "description": "seconds the window "
+                                  "quantiles cover: the last hour (less, early on)"},
+            "skipped_ticks": _INT, "backpressure_skips": _INT,
             "in_flight": _INT, "buffer_rows": _INT, "rows_committed": _INT,
             "copy_batches": _INT, "ingest_lag_s": _NUM, "spool_bytes": _INT,
             "segments_pending_upload": _INT, "upload_failures": _INT, "upload_lag_s": _NUM,
@@ -222,6 +343,25 @@ def _paths() -> dict[str, Schema]:
             "security": _READ_SECURITY, "parameters": [_ID_PARAM],
             "responses": {**_ok("Latest reading (Redis, else Postgres).", _ref("Event")),
                           **_ERRORS}}},
+        "/api/users:import": {"post": {
+            "operationId": "importUsers",
+            "summary": "Register or update many devices (poller import): a JSON array "
+                       "of rows, or NDJSON (Content-Type application/x-ndjson); one "
+                       "transaction, at most 8 MiB",
+            "security": _READ_SECURITY,
+            "parameters": [
+                _query("update", {"type": "string", "enum": ["true", "false"]},
+                       "change existing devices that differ (default false: report them)"),
+                _query("dry_run", {"type": "string", "enum": ["true", "false"]},
+                       "report what would change, write nothing (default false)"),
+            ],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"type": "array",
+                                                "items": _ref("ImportRow")}},
+                "application/x-ndjson": {"schema": _ref("ImportRow")}}},
+            "responses": {**_ok("What was written (or would be); refused rows are listed "
+                                "with their reason, the others written.",
+                                _ref("ImportReport")), **_WRITE_ERRORS}}},
         "/api/user/{cloud_id}": {
             "post": {
                 "operationId": "putUser", "summary": "Create or update a device",
@@ -248,6 +388,14 @@ def _paths() -> dict[str, Schema]:
                        "`limit` devices (`disabled`, `unpolled`: even none, each request "
                        "reads a bounded stretch of the registry): go on while "
                        "`next_after` is not null"),
+                _query("q", {"type": "string", "minLength": 1, "maxLength": 64},
+                       "search: a prefix of the cloud id or a part of the email, any case"),
+                _query("driver", {"type": "string",
+                                  "enum": ["eagle-cloud", "eagle-local", "http-json"]},
+                       "only devices of this driver"),
+                _query("order", {"type": "string", "enum": ["asc", "desc"]},
+                       "by id, oldest (asc, default) or newest first; desc only without "
+                       "`state` (`after` is then the id to go below)"),
             ],
             "responses": {**_ok("A page of devices.", _ref("DeviceList")), **_ERRORS}}},
         "/api/devices/{cloud_id}": {"get": {
@@ -273,6 +421,29 @@ def _paths() -> dict[str, Schema]:
             "operationId": "getFleet", "summary": "Fleet-wide statistics",
             "security": _READ_SECURITY,
             "responses": {**_ok("The fleet snapshot.", _ref("Fleet")), **_ERRORS}}},
+        "/api/fleet/demand": {"get": {
+            "operationId": "getFleetDemand",
+            "summary": "The fleet's total demand and devices by outcome per step, from the "
+                       "per-minute fleet rollup",
+            "security": _READ_SECURITY,
+            "parameters": [
+                _query("from", time_schema("2024-05-01T00:00:00Z", "1714521600"),
+                       "start, inclusive, rounded down to the minute (default: to minus "
+                       "one day)"),
+                _query("to", time_schema("2024-05-01T06:00:00+02:00", "1714543200"),
+                       "end, exclusive, rounded up to the minute (default: now)"),
+                _query("step", {"type": "integer", "minimum": 60, "multipleOf": 60},
+                       "bucket seconds, a multiple of 60 (default 60)"),
+            ],
+            "responses": {**_ok("Minutes that hold data, in time order.",
+                                _ref("FleetDemand")), **_ERRORS}}},
+        "/api/archive": {"get": {
+            "operationId": "getArchive",
+            "summary": "Archive completeness by day, and what each storage level holds",
+            "security": _READ_SECURITY,
+            "parameters": [_query("days", {"type": "integer", "minimum": 1, "maximum": 62},
+                                  "days to report, today first (default 7)")],
+            "responses": {**_ok("Archive and levels.", _ref("Archive")), **_ERRORS}}},
         "/api/openapi.json": {"get": {
             "operationId": "getOpenApi", "summary": "This document",
             "security": _READ_SECURITY,
@@ -289,6 +460,31 @@ def _paths() -> dict[str, Schema]:
             "responses": {**_ok("Alive.", _ref("Health")),
                           **_ok("Event loop unresponsive.", _ref("Health"), "503"),
                           "500": _ERRORS["500"]}}},
+        "/api/fleet/registered": {"get": {
+            "operationId": "getRegistered", "summary": "Devices registered (not removed) "
+            "and how many of them are disabled", "security": _READ_SECURITY,
+            "responses": {**_ok("The counts.", _ref("Registered")), **_ERRORS}}},
+        "/api/session": {"get": {
+            "operationId": "getSession", "summary": "What the bearer token may do (the "
+            "dashboard shows admin controls only to `admin`); no token: `none`",
+            "security": _PUBLIC_SECURITY,
+            "responses": {**_ok("The token's access.", _ref("Session")),
+                          "401": _ERRORS["401"], "500": _ERRORS["500"]}}},
+        "/": {"get": {
+            "operationId": "getRoot", "summary": "Redirects to the dashboard, /ui/ "
+            "(no token needed)", "security": _PUBLIC_SECURITY,
+            "responses": {"302": {"description": "Location: /ui/"},
+                          "500": _ERRORS["500"]}}},
+        "/ui/{path}": {"get": {
+            "operationId": "getDashboardFile", "summary": "The dashboard's static files "
+            "(no token needed: they hold no data)", "security": _PUBLIC_SECURITY,
+            "parameters": [{"name": "path", "in": "path", "required": True,
+                            "description": "a file of the dashboard; empty: index.html",
+                            "schema": _STR}],
+            "responses": {"200": {"description": "The file (HTML, JavaScript, CSS)",
+                                  "content": {"text/html": {"schema": _STR}}},
+                          "304": {"description": "Not modified (If-None-Match)"},
+                          "404": _error("No such file."), "500": _ERRORS["500"]}}},
         "/readyz": {"get": {
             "operationId": "getReadyz", "summary": "Readiness: Postgres, polling, ingest lag "
             "(no token needed)", "security": _PUBLIC_SECURITY,
@@ -301,7 +497,7 @@ def _paths() -> dict[str, Schema]:
 def document() -> dict[str, Any]:
     """The OpenAPI document (a fresh copy each call)."""
     paths = _paths()
-    for path in ("/api/user/{cloud_id}",):
+    for path in ("/api/user/{cloud_id}", "/api/users:import"):
         for op in paths[path].values():
             op["description"] = "Needs the admin token."
     return {

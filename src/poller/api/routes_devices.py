@@ -23,10 +23,12 @@ from poller.api.params import (
 )
 from poller.api.view import ServiceView
 from poller.db import Conn
+from poller.drivers import DRIVERS
 from poller.errors import NotFoundError
 from poller.netpolicy import NetPolicy
 from poller.polling.target import DeviceState
 from poller.registry import DeviceRecord, Registry
+from poller.rollups.query import device_series, settled_before
 
 routes = web.RouteTableDef()
 
@@ -59,13 +61,25 @@ USER_FIELDS = frozenset({"email", "driver", "url", "interval_s", "enabled", "pas
 _SCAN_SQL = """
 SELECT id, enabled FROM devices WHERE removed_at IS NULL AND id > $1 ORDER BY id LIMIT $2
 """
-_BUCKETS_SQL = """
-SELECT date_bin($4::interval, tick_at, $2::timestamptz) AS t,
-       min(demand_w) AS min, avg(demand_w) AS avg, max(demand_w) AS max, count(*) AS n
-FROM readings
-WHERE device_id = $1 AND tick_at >= $2 AND tick_at < $3
-GROUP BY 1 ORDER BY 1
+SEARCH_MAX_CHARS = 64
+# Search (q: a cloud id prefix or a piece of the email, any case) and driver
+# are Postgres predicates; $3/$4 are NULL when not asked for. Without an index
+# on lower(email) this reads the table (~100,000 rows in tens of ms), bounded
+# by the API pool's statement timeout; a page stays O(limit) in the service.
+_MATCH_SQL = """
+removed_at IS NULL AND ($3::text IS NULL OR cloud_id ILIKE $3 || '%' ESCAPE '\\'
+                        OR email ILIKE '%' || $3 || '%' ESCAPE '\\')
+AND ($4::text IS NULL OR driver = $4)
 """
+_FIND_SQL = {
+    "asc": f"SELECT id FROM devices WHERE id > $1 AND {_MATCH_SQL} ORDER BY id LIMIT $2",
+    "desc": f"SELECT id FROM devices WHERE id < $1 AND {_MATCH_SQL} ORDER BY id DESC LIMIT $2",
+}
+# $2 is unused (always NULL): it keeps the match's parameters at $3 and $4.
+_AMONG_SQL = f"SELECT id FROM devices WHERE id = ANY($1::bigint[]) AND $2::int IS NULL " \
+    f"AND {_MATCH_SQL} ORDER BY id"
+_SCAN_MATCH_SQL = f"SELECT id, enabled FROM devices WHERE id > $1 AND {_MATCH_SQL} " \
+    "ORDER BY id LIMIT $2"
 
 
 def device_json(view: ServiceView, record: DeviceRecord) -> dict[str, Any]:
@@ -157,17 +171,36 @@ async def list_devices(request: web.Request) -> web.Response:
     read at most ``SCAN_ROWS`` rows, so their page may hold fewer than
     ``limit`` devices, even none: go on while ``next_after`` is not null."""
     view = request.app[VIEW]
-    check_query(request, frozenset({"limit", "after", "state"}))
+    check_query(request, frozenset({"limit", "after", "state", "q", "driver", "order"}))
     limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
     after = query_int(request, "after", 0, 0, 2**63 - 1)
     state = request.query.get("state")
     if state is not None and state not in DEVICE_STATES:
         raise bad_request(f"query parameter 'state': expected one of {', '.join(DEVICE_STATES)}")
+    match = _match(request)
+    order = request.query.get("order", "asc")
+    if order not in _FIND_SQL:
+        raise bad_request("query parameter 'order': expected asc or desc (by id)")
+    if order == "desc" and state is not None:
+        raise bad_request("query parameter 'order': desc is not available with a state "
+                          "filter (those pages go up in id)")
     cost = request.app[LISTING_COST]
     cost.requests += 1
     async with view.db.acquire() as conn:
         registry = Registry(conn, view.box)
-        if state is None:
+        if state is None and (match is not None or order == "desc"):
+            q, driver = match or (None, None)
+            ids = [r["id"] for r in await conn.fetch(
+                _FIND_SQL[order], after or (2**63 - 1 if order == "desc" else 0),
+                limit + 1, q, driver)]
+            more = len(ids) > limit
+            del ids[limit:]
+            records = await registry.by_ids(ids) if ids else []
+            if order == "desc":
+                records.reverse()
+            cost.rows_read += len(records)
+            next_after = ids[-1] if more else None
+        elif state is None:
             records = await registry.listing(limit=limit + 1, after_id=after)
             cost.rows_read += len(records)
             more = len(records) > limit
@@ -177,12 +210,14 @@ async def list_devices(request: web.Request) -> web.Response:
             ids = view.device_ids_in_state(state, after, limit + 1)
             more = len(ids) > limit
             del ids[limit:]
+            next_after = ids[-1] if more else None
+            if ids and match is not None:
+                ids = [r["id"] for r in await conn.fetch(_AMONG_SQL, ids, None, *match)]
             records = await registry.by_ids(ids) if ids else []
             cost.rows_read += len(records)
-            next_after = ids[-1] if more else None
         else:
             records, next_after = await _scan_unpolled(view, conn, registry, state, after,
-                                                       limit, cost)
+                                                       limit, cost, match)
     found = []
     for i, record in enumerate(records):
         doc = device_json(view, record)
@@ -196,11 +231,15 @@ async def list_devices(request: web.Request) -> web.Response:
 
 async def _scan_unpolled(view: ServiceView, conn: Conn, registry: Registry,
                          state: str, after: int, limit: int, cost: ListingCost,
+                         match: tuple[str | None, str | None] | None = None,
                          ) -> tuple[list[DeviceRecord], int | None]:
     """``disabled`` or ``unpolled`` devices after ``after``: registered, not in
     the pool, and disabled or not. At most ``SCAN_ROWS`` rows read."""
     want_enabled = state == "unpolled"
-    rows = await conn.fetch(_SCAN_SQL, after, SCAN_ROWS)
+    if match is None:
+        rows = await conn.fetch(_SCAN_SQL, after, SCAN_ROWS)
+    else:
+        rows = await conn.fetch(_SCAN_MATCH_SQL, after, SCAN_ROWS, *match)
     cost.rows_read += len(rows)
     ids: list[int] = []
     next_after = None
@@ -217,6 +256,21 @@ async def _scan_unpolled(view: ServiceView, conn: Conn, registry: Registry,
     records = await registry.by_ids(ids) if ids else []
     cost.rows_read += len(records)
     return records, next_after
+
+
+def _match(request: web.Request) -> tuple[str | None, str | None] | None:
+    """``(q, driver)`` of the query, ``q`` escaped for ILIKE; None if neither."""
+    q = request.query.get("q")
+    driver = request.query.get("driver")
+    if q is not None:
+        if not 1 <= len(q) <= SEARCH_MAX_CHARS or "\x00" in q:
+            raise bad_request(f"query parameter 'q': expected 1 to {SEARCH_MAX_CHARS} "
+                              "characters")
+        q = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    if driver is not None and driver not in DRIVERS:
+        raise bad_request(f"query parameter 'driver': expected one of "
+                          f"{', '.join(sorted(DRIVERS))}")
+    return None if q is None and driver is None else (q, driver)
 
 
 @routes.get("/api/devices/{cloud_id}")
@@ -250,10 +304,10 @@ async def get_readings(request: web.Request) -> web.Response:
                           "(raise 'step' or narrow the range)", "too_many_points")
     async with view.db.acquire() as conn:
         record = await Registry(conn, view.box).get(cid)
-        rows = await conn.fetch(_BUCKETS_SQL, record.id, start, to, timedelta(seconds=step))
+        series = await device_series(conn, record.id, start, to, step,
+                                     settled=settled_before(view.settings.rollups))
     return json_response({
-        "cloud_id": record.cloud_id, "from": start.isoformat(), "to": to.isoformat(),
-        "step_s": step,
-        "points": [{"t": r["t"].isoformat(), "min": r["min"], "avg": r["avg"],
-                    "max": r["max"], "count": r["n"]} for r in rows],
+        "cloud_id": record.cloud_id, "from": series.start.isoformat(),
+        "to": series.end.isoformat(), "step_s": step, "level": series.level,
+        "points": series.points,
     })

@@ -29,9 +29,17 @@ routes = web.RouteTableDef()
 REDIS_TIMEOUT_S = 1.0
 READING_KEYS = ("tick_at", "device_at", "received_at", "demand_w", "delivered_wh",
                 "received_wh", "price")
+# The newest raw row, or the newest of the device's last packed hour (a
+# device silent since a compacted day: schema/007), whichever is later.
 _LATEST_SQL = f"""
-SELECT {', '.join(READING_KEYS)} FROM readings
-WHERE device_id = $1 ORDER BY tick_at DESC LIMIT 1
+SELECT {', '.join(READING_KEYS)} FROM (
+    (SELECT * FROM readings WHERE device_id = $1 ORDER BY tick_at DESC LIMIT 1)
+    UNION ALL
+    (SELECT r.* FROM (SELECT hour_at FROM packed_readings WHERE device_id = $1
+                      ORDER BY hour_at DESC LIMIT 1) AS h
+     CROSS JOIN LATERAL readings_all($1, h.hour_at, h.hour_at + interval '1 hour') AS r
+     ORDER BY r.tick_at DESC LIMIT 1)
+) AS latest ORDER BY tick_at DESC LIMIT 1
 """
 
 

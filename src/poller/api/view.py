@@ -37,6 +37,7 @@ class FleetSnapshot:
     lateness_p50_s: float
     lateness_p99_s: float
     lateness_max_s: float
+    """p50, p99 and max since start."""
     skipped_ticks: int
     backpressure_skips: int
     in_flight: int
@@ -58,6 +59,10 @@ class FleetSnapshot:
     polling: bool
     clock_steps: int = 0
     """Wall-clock steps the polling schedule was re-anchored after."""
+    lateness_window_p50_s: float = 0.0
+    lateness_window_p99_s: float = 0.0
+    lateness_window_s: float = 0.0
+    """The span the two above cover: the last hour (less, early on)."""
     tick_conflicts: int = 0
     """Ticks not polled after a backward step: a reading of that device and
     tick exists already."""

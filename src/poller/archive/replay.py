@@ -43,6 +43,7 @@ from poller.db import Conn, ConnectionSource, connect
 from poller.ingest import quarantine
 from poller.ingest.pgcopy import row_problem
 from poller.reading import READING_COLUMNS, Reading
+from poller.retention.restore import RestoreBook
 from poller.segment import DecodeError, decode_line
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ _CREATE_STAGING = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE readings, l
 _STAGED_COLUMNS = (*READING_COLUMNS, "line")
 _MOVE = (f"INSERT INTO readings ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
          "ON CONFLICT (device_id, tick_at) DO NOTHING")
+# The rollups' dirty-bucket record (schema/005), in the move's transaction:
+# every minute of the object's rows, when the object inserted any.
+_MARK_DIRTY = (f"INSERT INTO rollup_dirty (level, bucket) SELECT DISTINCT 'minute', "
+               f"date_bin('1 minute', tick_at, timestamptz 'epoch') FROM {_STAGING} "
+               "ON CONFLICT (level, bucket) DO UPDATE SET marked_at = now()")
 _MOVE_LINES = (f"INSERT INTO readings ({_COLUMNS}) SELECT {_COLUMNS} FROM {_STAGING} "
                "WHERE line = ANY($1::bigint[]) ON CONFLICT (device_id, tick_at) DO NOTHING")
 _REFUSED_LINES = (f"SELECT line, device_id, extract(epoch FROM tick_at)::float8 AS tick, "
@@ -103,6 +109,8 @@ class ReplayResult:
     """Lines newly put in ``readings_quarantine`` (each also in ``errors``)."""
     issues: tuple[ReplayIssue, ...] = field(default=())
     """The first :data:`MAX_ISSUES` problems, in the order met."""
+    days_restored: tuple[date, ...] = ()
+    """Days retention had dropped that the replay loaded rows into again."""
 
 
 async def replay(
@@ -131,9 +139,12 @@ async def replay(
     tally = _Tally()
     async with _connection(pg_pool_or_url) as conn:
         await conn.execute(_CREATE_STAGING)
+        # Manifest rows and restored days for retention (poller.retention.restore).
+        book = await RestoreBook.open(conn)
         try:
-            for done, key in enumerate(keys, 1):
-                await _replay_object(store, conn, key, since_s, until_s, batch_rows, tally)
+            for done, (key, size) in enumerate(keys, 1):
+                await _replay_object(store, conn, key, size, book, since_s, until_s,
+                                     batch_rows, tally)
                 if progress is not None:
                     progress(done, len(keys))
         finally:
@@ -144,7 +155,8 @@ async def replay(
     return ReplayResult(
         objects=len(keys), rows_read=tally.rows_read, rows_inserted=tally.inserted,
         rows_present=tally.rows_read - tally.inserted, rows_out_of_range=tally.out_of_range,
-        errors=tally.errors, rows_quarantined=tally.quarantined, issues=tuple(tally.issues))
+        errors=tally.errors, rows_quarantined=tally.quarantined, issues=tuple(tally.issues),
+        days_restored=tuple(sorted(book.restored)))
 
 
 class _Tally:
@@ -170,9 +182,10 @@ _MAX_DAY_LISTINGS = 62
 
 
 async def _select_keys(store: ArchiveReader, prefix: str, since_s: float,
-                       until_s: float) -> list[str]:
-    """Archive keys whose hour overlaps the range, oldest hour first."""
-    found: list[tuple[tuple[int, int, str], str]] = []
+                       until_s: float) -> list[tuple[str, int]]:
+    """``(key, size)`` of the archive objects whose hour overlaps the range,
+    oldest hour first."""
+    found: list[tuple[tuple[int, int, str], str, int]] = []
     first_day = int(since_s // _DAY_S) * _DAY_S
     # A short range lists its days' prefixes; a long one (a year of backfill,
     # "everything") lists the archive once instead of thousands of empty days.
@@ -182,23 +195,24 @@ async def _select_keys(store: ArchiveReader, prefix: str, since_s: float,
         prefixes = [date_prefix(prefix, day)
                     for day in range(first_day, int(until_s) + 1, _DAY_S) if day < until_s]
     for listing in prefixes:
-        for key, _size in await store.list_keys(listing):
+        for key, size in await store.list_keys(listing):
             try:
                 seg = parse_archive_key(key)
             except ValueError:
                 continue  # not ours (a manual upload, a lifecycle marker)
             if seg.hour_epoch < until_s and seg.hour_epoch + _HOUR_S > since_s:
-                found.append(((seg.hour_epoch, seg.seq, seg.instance), key))
+                found.append(((seg.hour_epoch, seg.seq, seg.instance), key, size))
     found.sort()
-    return [key for _, key in found]
+    return [(key, size) for _, key, size in found]
 
 
-async def _replay_object(store: ArchiveReader, conn: Conn, key: str,
-                         since_s: float, until_s: float, batch_rows: int,
+async def _replay_object(store: ArchiveReader, conn: Conn, key: str, size: int,
+                         book: RestoreBook, since_s: float, until_s: float, batch_rows: int,
                          tally: _Tally) -> None:
     await conn.execute(f"TRUNCATE {_STAGING}")
     decoder = _ObjectDecoder(key, since_s, until_s, tally)
     batch: list[Record] = []
+    readable = True
     try:
         async with aclosing(store.stream(key)) as chunks:
             async for chunk in chunks:
@@ -214,6 +228,7 @@ async def _replay_object(store: ArchiveReader, conn: Conn, key: str,
         raise
     except ArchiveError as exc:
         # Gone since the listing, or refused: the other objects still count.
+        readable = False
         tally.problem(key, None, str(exc))
     if batch:
         await _stage(conn, batch)
@@ -225,7 +240,10 @@ async def _replay_object(store: ArchiveReader, conn: Conn, key: str,
     async with conn.transaction():
         refused: list[quarantine.Quarantined] = []
         if decoder.first_day is not None:
+            inserted_before = tally.inserted
             refused = await _move(conn, key, tally)
+            if tally.inserted > inserted_before:
+                await conn.execute(_MARK_DIRTY)
         tally.rows_read -= len(refused)  # not readings after all, nor "present"
         for q in refused:
             tally.problem(key, q.line, f"{q.reason}; quarantined")
@@ -233,6 +251,9 @@ async def _replay_object(store: ArchiveReader, conn: Conn, key: str,
         if rows:
             instance, segment = _segment_of(key)
             tally.quarantined += await quarantine.insert(conn, instance, segment, rows)
+        if readable:
+            await book.note_object(conn, key, size, decoder.lines, decoder.first_day,
+                                   decoder.last_day)
 
 
 async def _move(conn: Conn, key: str,
@@ -295,6 +316,11 @@ class _ObjectDecoder:
         self.last_day: date | None = None
         self.quarantined: list[quarantine.Quarantined] = []
         """Lines that are not readings the loader would take."""
+
+    @property
+    def lines(self) -> int:
+        """Lines met so far (all of them once the object is read)."""
+        return self._line
 
     def feed(self, chunk: bytes) -> Iterator[Record]:
         data, damage = self._inflate_all(chunk)

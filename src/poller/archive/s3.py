@@ -296,6 +296,45 @@ class ArchiveStore:
                         return
                     yield chunk
 
+    async def get_lifecycle(self) -> tuple[list[dict[str, Any]] | None, str]:
+        """The bucket's lifecycle rules (None when it has none) and the
+        server's name as its ``Server`` header gives it ("" if none)."""
+        client = self._c()
+        try:
+            answer = await client.get_bucket_lifecycle_configuration(Bucket=self._bucket)
+        except ClientError as exc:
+            if _error_code(exc) == "NoSuchLifecycleConfiguration":
+                return None, _server_of(exc.response)
+            raise self._refusal(exc, "GetBucketLifecycleConfiguration") from exc
+        except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self._translate(exc, "GetBucketLifecycleConfiguration", "") from exc
+        rules: list[dict[str, Any]] = [dict(r) for r in answer.get("Rules", [])]
+        return rules, _server_of(answer)
+
+    async def put_lifecycle(self, rules: list[dict[str, Any]]) -> None:
+        """Replace the bucket's lifecycle rules. A refusal (including a server
+        that does not implement what a rule asks) is an :class:`ArchiveError`
+        carrying the server's code, status and message."""
+        client = self._c()
+        try:
+            await client.put_bucket_lifecycle_configuration(
+                Bucket=self._bucket, LifecycleConfiguration={"Rules": rules})  # type: ignore[typeddict-item]
+        except ClientError as exc:
+            raise self._refusal(exc, "PutBucketLifecycleConfiguration") from exc
+        except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self._translate(exc, "PutBucketLifecycleConfiguration", "") from exc
+
+    def _refusal(self, exc: ClientError, op: str) -> ArchiveError:
+        """A refusal with the server's own words: code, status, message, name."""
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = str(exc.response.get("Error", {}).get("Message") or "").strip()
+        server = _server_of(exc.response)
+        text = (f"S3 {op} on bucket {self._bucket} at {self._where}: {_error_code(exc)} "
+                f"(HTTP {status})" + (f": {message}" if message else "")
+                + (f" [server: {server}]" if server else ""))
+        # Not ArchiveUnavailable even for a 501: trying again changes nothing.
+        return ArchiveError(text)
+
     @contextmanager
     def _mapped(self, op: str, key: str) -> Iterator[None]:
         try:
@@ -319,6 +358,11 @@ class ArchiveStore:
             return ArchiveUnavailable(f"{what}: cannot reach {self._where} "
                                       f"({type(exc).__name__})")
         return ArchiveError(f"{what}: {type(exc).__name__}")
+
+
+def _server_of(response: Any) -> str:
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}
+    return str(headers.get("server", ""))
 
 
 def _error_code(exc: ClientError) -> str:

@@ -10,8 +10,10 @@ from typing import Any
 
 import orjson
 
+from poller.bench import pgstore
 from poller.bench import profile as profiling
 from poller.bench.apiload import ApiLatency
+from poller.bench.pgstore import StorageRun
 from poller.bench.profile import Profile
 from poller.bench.wrkfloor import Floor
 
@@ -155,6 +157,8 @@ class BenchReport:
     notes: list[str]
     chart: str | None
     profile: Profile | None = None
+    storage: StorageRun | None = None
+    """Postgres bytes per reading and loader rows/s (``--storage-devices``)."""
 
 
 def _mark(ok: bool | None) -> str:
@@ -317,6 +321,9 @@ def render(report: BenchReport) -> str:
     if report.profile is not None:
         out.append("\n== profile: poller serve, main window ==")
         out.extend(profiling.render(report.profile))
+    if report.storage is not None:
+        out.append("\n== Postgres storage ==")
+        out.extend(pgstore.render(report.storage))
     out.append("\n== targets ==")
     width = max(len(t.name) for t in report.targets)
     for t in report.targets:

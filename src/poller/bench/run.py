@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from poller import argtypes, sealing
-from poller.bench import apiload, soak, storage
+from poller.bench import apiload, importbench, pgstore, rollups, soak, storage
 from poller.bench.children import BenchError, Child, http_json
 from poller.bench.measure import Scrape, process_cpu_s, tree_cpu_s
 from poller.bench.profile import Profile, Recorder
@@ -93,8 +93,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "report their sum (default 1)")
     parser.add_argument("--sample-every", type=argtypes.seconds, default=1.0, metavar="SECONDS",
                         help="how often to scrape /metrics during the window (default 1)")
+    parser.add_argument("--storage-devices", type=argtypes.whole, default=500, metavar="N",
+                        help="Postgres bytes per reading and loader rows/s: N synthetic "
+                        "devices' readings through the loader into one daily partition, "
+                        "then compacted (default 500; 0 skips)")
+    parser.add_argument("--storage-hours", type=argtypes.count, default=4, metavar="H",
+                        help="hours of readings for the storage measure (default 4: "
+                        "1.2 million rows at 500 devices every 6 s)")
     soak.add_arguments(parser)
+    importbench.add_arguments(parser)
     apiload.add_arguments(parser)
+    rollups.add_arguments(parser)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +126,18 @@ class _Options:
     shards: int
     api_load: bool
     api_rate_per_s: float
+    storage_devices: int = 0
+    storage_hours: int = 4
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     """Run the bench; print the table, write JSON and the chart. Exit code 0
     whatever the targets say: this measures, it does not judge."""
-    opts = _options(args)
     state_dir = Path(args.state_dir) if hasattr(args, "state_dir") \
         else Path(settings.state_dir) / "bench"
+    if args.rollups:
+        return rollups.run(args, state_dir.resolve())  # its own PostgreSQL, no fleet
+    opts = _options(args)
     bench = _Bench(settings, opts, state_dir.resolve())
     # SIGTERM would end the bench where it stands and leave the simulator,
     # the pollers and the embedded servers running: make it unwind through
@@ -133,6 +146,8 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.soak_hours is not None:
             return soak.run(bench, args)  # prints and writes its own report
+        if args.import_devices is not None:
+            return importbench.run(bench, args)  # the same
         report = bench.run()
     finally:
         try:
@@ -154,6 +169,9 @@ def _options(args: argparse.Namespace) -> _Options:
     small = args.small_devices or max(1, args.devices // 4)
     if not args.no_rss_slope and small >= args.devices:
         raise BenchError("--small-devices must be below --devices for the RSS slope")
+    if args.storage_hours > 24:
+        raise BenchError("--storage-hours: the storage measure fills one daily partition, "
+                         "at most 24 hours")
     return _Options(
         devices=min(args.devices, _MAX_DEVICES), interval_s=args.interval,
         duration_s=args.duration,
@@ -162,7 +180,8 @@ def _options(args: argparse.Namespace) -> _Options:
         wrk=not args.no_wrk, floor_s=args.floor_duration, rss_slope=not args.no_rss_slope,
         small_devices=small, sweep=args.sweep, keep_stack=args.keep_stack, seed=args.seed,
         sample_every_s=args.sample_every, profile_path=args.profile, shards=args.shards,
-        api_load=args.api_load, api_rate_per_s=args.api_rate)
+        api_load=args.api_load, api_rate_per_s=args.api_rate,
+        storage_devices=args.storage_devices, storage_hours=args.storage_hours)
 
 
 def _progress(line: str) -> None:
@@ -287,6 +306,7 @@ class _Bench:
                                  (main.rss_bytes - small.rss_bytes)
                                  / (main.devices - small.devices))
         floor = self._floor() if opts.wrk else None
+        stored = self._storage() if opts.storage_devices else None
         if floor is not None and not floor.available:
             _progress(f"floor not measured: {floor.reason}")
             self.notes.append(f"wrk floor not measured: {floor.reason}")
@@ -312,7 +332,8 @@ class _Bench:
             main=main, runs=runs, rss_slope=slope, floor=floor, cpu_floor_multiple=multiple,
             sweep=sweep, sweep_largest_held=largest,
             targets=evaluate(main, slope, multiple, largest), notes=self.notes,
-            chart=None if reason else str(opts.chart_path), profile=self.profile)
+            chart=None if reason else str(opts.chart_path), profile=self.profile,
+            storage=stored)
 
     def _sweep(self) -> tuple[list[FleetRun], list[SweepStep], int | None]:
         runs: list[FleetRun] = []
@@ -342,6 +363,13 @@ class _Bench:
                     break
                 n = (held_max + fail_min) // 2
         return runs, steps, held_max or None
+
+    def _storage(self) -> pgstore.StorageRun:
+        opts = self.opts
+        _progress(f"storage: {opts.storage_devices:,} synthetic devices every "
+                  f"{opts.interval_s:g} s for {opts.storage_hours} h through the loader")
+        return pgstore.run(self.database_url, opts.storage_devices, opts.storage_hours,
+                           opts.interval_s, seed=opts.seed, progress=_progress)
 
     def _floor(self) -> Floor:
         devices = min(self.opts.devices, 10_000)

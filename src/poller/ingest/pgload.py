@@ -33,7 +33,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, closing
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 Strategy = Literal["copy-first", "staged"]
 Record = tuple[Any, ...]
+MarkDirty = Callable[[Conn, list[int]], Awaitable[None]]
+"""Called in a loading transaction with the Unix minutes (``tick // 60``)
+of the rows it inserted: the rollups' dirty-bucket record."""
 
 DAY_S = 86400
 _EPOCH_DAY = date(1970, 1, 1)
@@ -119,10 +122,11 @@ def days_of(rows: Sequence[Reading]) -> set[int]:
 class _Chunk:
     """Members read from one segment for one transaction, encoded off-loop."""
 
-    __slots__ = ("data", "days", "end", "rows", "sorted")
+    __slots__ = ("data", "days", "end", "minutes", "rows", "sorted")
 
     def __init__(self, end: int, data: bytes, rows: int, days: set[int],
-                 sorted_lines: SortedLines | None = None) -> None:
+                 sorted_lines: SortedLines | None = None,
+                 minutes: list[int] | None = None) -> None:
         self.end = end
         self.data = data
         """The COPY BINARY stream of the rows."""
@@ -131,10 +135,16 @@ class _Chunk:
         self.days = days
         self.sorted = sorted_lines
         """Set when the members were sorted out line by line."""
+        self.minutes = minutes
+        """Unix minutes of the rows, when the loader marks rollups dirty."""
+
+
+def _minutes(records: Sequence[Record]) -> list[int]:
+    return list({int(r[1] // 60) for r in records})
 
 
 def _take(members: Iterator[tuple[int, bytes]], max_rows: int, until: int | None,
-          line_by_line: bool = False) -> _Chunk | None:
+          line_by_line: bool = False, minutes: bool = False) -> _Chunk | None:
     end = -1
     payloads: list[bytes] = []
     records: list[Record] = []
@@ -162,11 +172,13 @@ def _take(members: Iterator[tuple[int, bytes]], max_rows: int, until: int | None
         return None
     if sound:
         try:
-            return _Chunk(end, encode_rows(records), len(records), days)
+            return _Chunk(end, encode_rows(records), len(records), days,
+                          minutes=_minutes(records) if minutes else None)
         except ENCODE_ERRORS:
             pass
     found = sort_lines(payloads)
-    return _Chunk(end, found.data, found.n_lines, found.days, found)
+    return _Chunk(end, found.data, found.n_lines, found.days, found,
+                  _minutes(found.records) if minutes else None)
 
 
 class ArchivedSegments(Protocol):
@@ -227,6 +239,9 @@ class PgLoader:
         self.archived: ArchivedSegments | None = None
         """Where segments the spool evicted before they were loaded are read
         (S3: their checkpoints apply to the objects as they did to the files)."""
+        self.mark_dirty: MarkDirty | None = None
+        """Set when rollups are kept (:mod:`poller.rollups.worker`): each
+        transaction that inserts rows marks their minutes in it."""
 
     async def start(self) -> None:
         if self._pool is None and self._url is not None:
@@ -267,8 +282,10 @@ class PgLoader:
         except ENCODE_ERRORS:
             # As the spool holds it: NaN there is null, so it may well encode.
             return await self._load_from(segment, max(position.start_offset, 0), until=end)
+        minutes = _minutes(rows) if self.mark_dirty is not None else None
         try:
-            return await self._load_one(position, data, len(rows), days_of(rows))
+            return await self._load_one(position, data, len(rows), days_of(rows),
+                                        minutes=minutes)
         except _CheckpointMoved as moved:
             if moved.at >= end:
                 return 0
@@ -372,13 +389,15 @@ class PgLoader:
         reading the next chunk on a thread while the current one loads."""
         total = 0
         rows = self.catch_up_rows
+        marks = self.mark_dirty is not None
         while True:
             members = self._members(segment, start)
             try:
-                chunk = await asyncio.to_thread(_take, members, rows, until, line_by_line)
+                chunk = await asyncio.to_thread(_take, members, rows, until, line_by_line,
+                                                marks)
                 while chunk is not None:
                     ahead = asyncio.ensure_future(asyncio.to_thread(
-                        _take, members, rows, until, line_by_line)) \
+                        _take, members, rows, until, line_by_line, marks)) \
                         if until is None or chunk.end < until else None
                     try:
                         pos = SpoolPosition(segment, chunk.end, 0, chunk.rows, start)
@@ -400,24 +419,27 @@ class PgLoader:
     async def _load_chunk(self, position: SpoolPosition, chunk: _Chunk) -> int:
         if chunk.sorted is None:
             try:
-                return await self._load_one(position, chunk.data, chunk.rows, chunk.days)
+                return await self._load_one(position, chunk.data, chunk.rows, chunk.days,
+                                            minutes=chunk.minutes)
             except _Refused as refused:
                 log.warning("loader: PostgreSQL refused a batch of %s (%s); sorting it out "
                             "line by line", position.segment, refused)
                 chunk = await asyncio.to_thread(self._take_line_by_line, position)
         return await self._load_one(position, chunk.data, chunk.rows, chunk.days,
-                                    chunk.sorted)
+                                    chunk.sorted, minutes=chunk.minutes)
 
     def _take_line_by_line(self, position: SpoolPosition) -> _Chunk:
         with closing(self._members(position.segment, position.start_offset)) as members:
-            chunk = _take(members, sys.maxsize, position.end_offset, line_by_line=True)
+            chunk = _take(members, sys.maxsize, position.end_offset, line_by_line=True,
+                          minutes=self.mark_dirty is not None)
         if chunk is None or chunk.end != position.end_offset:
             raise LoaderError(f"loader: {position.segment} no longer has the members "
                               f"{position.start_offset}..{position.end_offset} it had")
         return chunk
 
     async def _load_one(self, position: SpoolPosition, data: bytes, rows: int,
-                        days: set[int], lines: SortedLines | None = None) -> int:
+                        days: set[int], lines: SortedLines | None = None, *,
+                        minutes: list[int] | None = None) -> int:
         """Load one chunk in one transaction. With ``lines`` (a chunk sorted
         line by line), rows PostgreSQL refuses are quarantined; without,
         such a refusal raises :class:`_Refused`."""
@@ -431,7 +453,7 @@ class PgLoader:
                     else:
                         await self._ensure_each_partition(conn, position.segment, days)
                     inserted = await self._transaction(conn, position, data, rows, staged,
-                                                       lines)
+                                                       lines, minutes)
                 self.rows_loaded += inserted
                 return inserted
             except asyncpg.UniqueViolationError:
@@ -455,7 +477,7 @@ class PgLoader:
 
     async def _transaction(self, conn: Conn, position: SpoolPosition,
                            data: bytes, rows: int, staged: bool,
-                           lines: SortedLines | None) -> int:
+                           lines: SortedLines | None, minutes: list[int] | None = None) -> int:
         timeout = self.timeout_s
         quarantined = 0
         async with conn.transaction():
@@ -473,6 +495,8 @@ class PgLoader:
             else:
                 inserted, quarantined = await self._copy_or_quarantine(
                     conn, position.segment, lines, staged, line_base=mark["rows"])
+            if inserted and minutes and self.mark_dirty is not None:
+                await self.mark_dirty(conn, minutes)
             await conn.execute(_MOVE_CHECKPOINT, self.instance_id, position.segment,
                                position.end_offset, rows, timeout=timeout)
         self._note_loaded(position.segment, position.end_offset)

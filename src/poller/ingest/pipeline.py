@@ -46,6 +46,7 @@ from poller.archive.s3 import ArchiveUnavailable
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
 from poller.config import IngestSettings
+from poller.ingest.failures import Failure, FailureLog
 from poller.ingest.livestate import LiveState
 from poller.ingest.pgload import LoaderError, LoaderUnavailable, PgLoader
 from poller.ingest.spool import Pressure, Spool, SpoolError, SpoolFull, SpoolPosition
@@ -73,7 +74,8 @@ def _hour(tick_at: float) -> int:
 class Ingest:
     def __init__(self, settings: IngestSettings, spool: Spool, loader: PgLoader,
                  uploader: Uploader | None, live: LiveState | None,
-                 clock: Clock | None = None, *, supervisor: Supervisor | None = None) -> None:
+                 clock: Clock | None = None, *, supervisor: Supervisor | None = None,
+                 failures: FailureLog | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.loader = loader
@@ -111,6 +113,11 @@ class Ingest:
         self._evictions_seen = 0
         self._skipping = False
         """The buffer is full and the loops skip ticks (logged once per episode)."""
+        self._failure_log = failures
+        self._failures: list[Failure] = []
+        """Failed polls not yet in ``poll_failures`` (see :mod:`.failures`)."""
+        self.failures_dropped = 0
+        """Failed polls let go because ``buffer_max_rows`` of them waited."""
         self.rows_committed = 0
         self.loader_failures = 0
         """Loader steps that failed for a reason other than an outage."""
@@ -144,6 +151,19 @@ class Ingest:
             self._wake.set()
         if rows >= self._max_rows:
             self.accepting = False
+
+    def record_failure(self, device_id: int, tick_at: float, outcome: int,
+                       failed_at: float) -> None:
+        """A poll that ended without a reading (the loops' ``ctx.failed``)."""
+        if self._failure_log is None:
+            return
+        failures = self._failures
+        failures.append((device_id, tick_at, outcome, failed_at))
+        if len(failures) > self._max_rows:
+            # Postgres has been away long: keep the newest, count the rest.
+            drop = len(failures) - self._max_rows
+            del failures[:drop]
+            self.failures_dropped += drop
 
     # -- figures ----------------------------------------------------------------
 
@@ -489,6 +509,13 @@ class Ingest:
             self.copy_batches += 1
             self.copy_seconds.record(self._clock.monotonic() - started)
             self.commit_latency.record_ages(now, list(map(_RECEIVED_AT, rows)))
+        if self._failures and self._failure_log is not None:
+            batch, self._failures = self._failures, []
+            try:
+                await self._failure_log.write(batch)
+            except BaseException:
+                self._failures[:0] = batch  # written next time (idempotent)
+                raise
         if self.uploader is not None:
             evicted = self.uploader.stats().segments_evicted
             if evicted != self._evictions_seen:

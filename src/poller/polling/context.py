@@ -24,6 +24,13 @@ from poller.wheel import TimingWheel
 
 StateChange = Callable[[Target, DeviceState, str, str | None], None]
 """``(target, previous state, outcome, message)``, once ``target.state`` changed."""
+FailureRecorder = Callable[[int, float, int, float], None]
+"""``(device_id, tick_at, outcome index, failed_at)`` of a poll that ended
+without a reading: a sink's ``record_failure``, when it keeps failures."""
+
+
+def _ignore_failure(device_id: int, tick_at: float, outcome: int, failed_at: float) -> None:
+    """What a loop calls when its sink keeps no failures."""
 
 
 class ReadingSink(Protocol):
@@ -105,7 +112,8 @@ class LoopContext:
     beyond its device."""
 
     __slots__ = (
-        "accept", "auth_failed_interval_s", "backoff_max_s", "bounds", "dirty", "limiter",
+        "accept", "auth_failed_interval_s", "backoff_max_s", "bounds", "dirty", "failed",
+        "limiter",
         "monotonic", "on_state_change", "sink", "stats", "timeout_s", "totals_every",
         "wall_offset", "wheel",
     )
@@ -125,6 +133,7 @@ class LoopContext:
         self.limiter = SlotLimiter(settings.max_in_flight)
         self.sink = sink
         self.accept = sink.accept
+        self.failed: FailureRecorder = getattr(sink, "record_failure", _ignore_failure)
         self.apply(settings)
 
     def apply(self, settings: PollingSettings) -> None:
@@ -141,6 +150,7 @@ class LoopContext:
     def set_sink(self, sink: ReadingSink) -> None:
         self.sink = sink
         self.accept = sink.accept
+        self.failed = getattr(sink, "record_failure", _ignore_failure)
 
     def wall_now(self) -> float:
         return self.monotonic() + self.wall_offset

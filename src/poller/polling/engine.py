@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from poller import snapshot
@@ -34,7 +34,8 @@ class PollingEngine:
     def __init__(self, settings: PollingSettings, database_url: str, box: SecretBox,
                  sink: ReadingSink, *, seed: str, clock: Clock | None = None,
                  snapshot_path: Path | None = None,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None,
+                 fence: Callable[[float], bool] | None = None) -> None:
         self.settings = settings
         clock = clock if clock is not None else LoopClock()
         per_host = settings.connections_per_host
@@ -57,7 +58,7 @@ class PollingEngine:
             "http-json": self._general_adapter,
         }
         self.pool = DevicePool(settings, sink, transports, seed=seed, clock=clock,
-                               wheel_resolution_s=settings.wheel_resolution_s)
+                               wheel_resolution_s=settings.wheel_resolution_s, fence=fence)
         self.shard = settings.shard or EVERY_DEVICE
         self.snapshot_path = snapshot_path
         self._box = box

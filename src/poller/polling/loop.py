@@ -372,6 +372,10 @@ class DeviceLoop:
         target.count_failure(index)
         self._counts[index] += 1
         now = ctx.wall_now()
+        # Failures are data for the rollups too (poll_failures): one row,
+        # keyed by the tick as a reading would be.
+        ctx.failed(target.record.id,
+                   round((self._index * self._interval + self._phase) * 1e6) / 1e6, index, now)
         target.last_poll_at = now
         target.consecutive_failures += 1
         outcome = _OUTCOME_NAMES[index]

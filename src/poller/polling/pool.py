@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from poller.clock import Clock, LoopClock, TimerHandle
+from poller.cluster.lease import FencedWheel
 from poller.config import PollingSettings
 from poller.drivers import get_driver
 from poller.drivers.base import DeviceSpec, Driver
@@ -69,8 +70,12 @@ class DevicePool:
         seed: str,
         clock: Clock | None = None,
         wheel_resolution_s: float = 0.02,
+        fence: Callable[[float], bool] | None = None,
     ) -> None:
         self.settings = settings
+        self._fence = fence
+        """In a cluster: is the lease valid at this monotonic instant? Read
+        once per batch of ticks (poller.cluster.lease.FencedWheel)."""
         self._transports = transports
         self._seed = seed
         self.clock = clock if clock is not None else LoopClock()
@@ -171,7 +176,11 @@ class DevicePool:
         self._loop = asyncio.get_running_loop()
         clock = self.clock
         self._ctx.wall_offset = clock.wall() - clock.monotonic()
-        self._ctx.wheel = TimingWheel(clock, self._wheel_resolution_s)
+        if self._fence is None:
+            self._ctx.wheel = TimingWheel(clock, self._wheel_resolution_s)
+        else:
+            self._ctx.wheel = FencedWheel(clock, self._wheel_resolution_s, self._fence,
+                                          self._resume_after_fence)
         self._clock_check = clock.call_later(_CLOCK_CHECK_S, self._check_clock)
 
     def _check_clock(self) -> None:
@@ -180,6 +189,16 @@ class DevicePool:
         if abs(offset - self._ctx.wall_offset) > CLOCK_STEP_S:
             self._reanchor(offset)
         self._clock_check = clock.call_later(_CLOCK_CHECK_S, self._check_clock)
+
+    def _resume_after_fence(self) -> None:
+        """The lease is valid again after polling was fenced (a pause, a
+        rejoin): every loop goes to its next tick by the wall time now; the
+        ticks due meanwhile are skipped (counted), never polled late."""
+        ctx = self._ctx
+        now_wall = ctx.wall_now()
+        scheduled = set(ctx.wheel.drain())
+        for device_loop in self.loops.values():
+            device_loop.reanchor(now_wall, 0.0, device_loop in scheduled)
 
     def _reanchor(self, offset: float) -> None:
         """The wall clock stepped: take the new offset and put every loop

@@ -10,6 +10,8 @@ has.
 With ``shard`` k/n the watcher keeps only the devices whose id % n == k:
 n instances with shards 0/n .. n-1/n share one registry and poll every device
 exactly once between them, each on its own event loop (and its own core).
+In a cluster (``poller.cluster``) the watcher keeps the devices its
+``assignment`` gives this instance; ``reassign`` applies a new view at once.
 
 The watching loop runs under a :class:`~poller.tasks.Supervisor` (the
 service's, when given): an error it does not expect (a snapshot that cannot
@@ -29,6 +31,7 @@ import asyncpg
 
 from poller import heap
 from poller.clock import Clock
+from poller.cluster.ring import Assignment
 from poller.config import EVERY_DEVICE, Shard
 from poller.drivers.base import DeviceSpec
 from poller.polling.pool import DevicePool
@@ -40,6 +43,12 @@ log = logging.getLogger("poller.polling")
 _DEBOUNCE_S = 0.05
 _RETRY_MAX_S = 30.0
 _SLICE = 2000
+_SLICE_POLLING = 250
+"""Devices a resync starts per step once the pool polls: about 10 ms of work,
+then a turn of the event loop. A bulk registration beside a polled fleet
+(``poller import``, 10,000 a batch) in steps of 2000 held the loop for
+30-240 ms a step, and every poll due meanwhile waited (``poller bench
+--import-devices``)."""
 _FREEZE_AFTER = 1000
 """Devices started by one resync (the first, or a bulk registration) after
 which the heap is frozen out of the cyclic GC."""
@@ -60,6 +69,10 @@ class RegistryWatcher:
         self._changed_since_resync = True
         """The pool changed since ``on_resync`` last ran (or it never ran)."""
         self._shard = shard
+        self.assignment: Assignment | None = None
+        """The cluster's assignment in force (None: not in a cluster)."""
+        self.applied: Assignment | None = None
+        """The assignment the last full resync made the pool match."""
         self._box = box
         self._pool = pool
         self.resync_interval_s = resync_interval_s
@@ -80,9 +93,23 @@ class RegistryWatcher:
             await self._connect()
             await self._full_resync()
         else:
-            self._update(initial.items(), bulk=len(initial) >= _FREEZE_AFTER)
+            owns = self.owns
+            mine = [(i, e) for i, e in initial.items() if owns(i)]
+            self._update(mine, bulk=len(mine) >= _FREEZE_AFTER)
             self._wake.set()  # connect now, not a resync period from now
         self._supervisor.spawn("registry-watcher", self._run)
+
+    def owns(self, device_id: int) -> bool:
+        assignment = self.assignment
+        return self._shard.owns(device_id) and (assignment is None or
+                                                assignment.owns(device_id))
+
+    def reassign(self, assignment: Assignment) -> None:
+        """Poll what ``assignment`` gives this instance, from the next turn
+        of the watcher (a full resync, at once)."""
+        self.assignment = assignment
+        self._changed.add(RESYNC_ALL)
+        self._wake.set()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -169,7 +196,7 @@ class RegistryWatcher:
     async def _apply(self, cloud_ids: list[str]) -> None:
         assert self._conn is not None
         registry = Registry(self._conn, self._box)
-        owns = self._shard.owns
+        owns = self.owns
         versions = {i: v for i, v in (await registry.versions(cloud_ids)).items() if owns(i)}
         wanted_ids = [i for i, v in versions.items() if v is not None]
         specs = await registry.specs(ids=wanted_ids) if wanted_ids else {}
@@ -180,10 +207,21 @@ class RegistryWatcher:
     async def _full_resync(self) -> None:
         assert self._conn is not None
         registry = Registry(self._conn, self._box)
+        # Polling already: each O(fleet) step below is followed by a turn of
+        # the loop (at 100k devices each is tens of ms), new devices start in
+        # small steps.
+        polling = bool(self._pool.loops)
+        assignment = self.assignment
         versions = await registry.versions(shard=self._shard)
+        await _turn(polling)
+        if assignment is not None:
+            versions = {i: v for i, v in versions.items() if assignment.owns(i)}
+            await _turn(polling)
         running = {i: lp.target.record.updated_at for i, lp in self._pool.loops.items()}
         running.update({i: t.record.updated_at for i, t in self._pool.rejected.items()})
+        await _turn(polling)
         changed = [i for i, v in versions.items() if running.get(i) != v]
+        await _turn(polling)
         if changed or running.keys() - versions.keys():
             self._changed_since_resync = True
         for device_id in running:
@@ -192,14 +230,22 @@ class RegistryWatcher:
         bulk = len(changed) >= _FREEZE_AFTER
         # In slices: at 100k devices one query and one dict of every record
         # and opened secret is a peak the process keeps as RSS afterwards.
-        for start in range(0, len(changed), _SLICE):
-            ids = changed[start:start + _SLICE]
+        step = _SLICE_POLLING if polling else _SLICE
+        for start in range(0, len(changed), step):
+            ids = changed[start:start + step]
             specs = await registry.specs(ids=ids)
             self._update(((i, specs.get(i)) for i in ids), bulk=bulk, level=logging.DEBUG)
         if bulk:
             log.info("%d device(s) started or changed, frozen out of the cyclic GC "
-                     "in %d part(s)", len(changed), -(-len(changed) // _SLICE))
+                     "in %d part(s)", len(changed), -(-len(changed) // step))
         self.resyncs += 1
+        self.applied = assignment
         if self._on_resync is not None and self._changed_since_resync:
             await self._on_resync(self._conn)
             self._changed_since_resync = False
+
+
+async def _turn(polling: bool) -> None:
+    """Let the polls due run, if there are any."""
+    if polling:
+        await asyncio.sleep(0)
