@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -113,3 +113,35 @@ def typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -
         raise bad_request(f"field {name!r}: expected {what}, got "
                           f"{type(value).__name__}", "wrong_type")
     return value
+
+
+MAX_SERIES_POINTS = 10_000
+MAX_SERIES_RANGE = timedelta(days=366)
+
+
+class SeriesQuery(NamedTuple):
+    start: datetime
+    end: datetime
+    step_s: int
+
+
+def query_series(request: web.Request, *, min_step_s: int = 1) -> SeriesQuery:
+    """``from``, ``to`` (default: the last day) and ``step`` (default 60 s) of a
+    series request, each failure a 400: ``from`` before ``to``, at most 366
+    days apart, at most 10,000 points, a step of ``min_step_s`` or more."""
+    check_query(request, frozenset({"from", "to", "step"}))
+    now = datetime.now(UTC).replace(microsecond=0)
+    end = query_time(request, "to", now)
+    start = query_time(request, "from", end - timedelta(days=1))
+    step = query_int(request, "step", max(60, min_step_s), min_step_s,
+                     int(MAX_SERIES_RANGE.total_seconds()))
+    if start >= end:
+        raise bad_request("'from' must be before 'to'", "bad_range")
+    if end - start > MAX_SERIES_RANGE:
+        raise bad_request("the range from 'from' to 'to' may span at most 366 days",
+                          "bad_range")
+    points = math.ceil((end - start).total_seconds() / step)
+    if points > MAX_SERIES_POINTS:
+        raise bad_request(f"{points} points requested; at most {MAX_SERIES_POINTS} per "
+                          "request (raise 'step' or narrow the range)", "too_many_points")
+    return SeriesQuery(start, end, step)

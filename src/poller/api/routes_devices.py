@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -14,11 +12,12 @@ from poller.api.auth import Access, requires
 from poller.api.errors import bad_request, json_response
 from poller.api.keys import VIEW
 from poller.api.params import (
+    MAX_SERIES_POINTS,
     check_query,
     cloud_id,
     json_object,
     query_int,
-    query_time,
+    query_series,
     typed,
 )
 from poller.api.view import ServiceView
@@ -46,8 +45,7 @@ class ListingCost:
 
 LISTING_COST = web.AppKey("listing_cost", ListingCost)
 
-MAX_POINTS = 10_000
-MAX_RANGE = timedelta(days=366)
+MAX_POINTS = MAX_SERIES_POINTS
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 DEVICE_STATES = ("pending", "ok", "failing", "auth_failed", "stopped", "disabled", "unpolled")
 POOL_STATES = frozenset(s.value for s in DeviceState)
@@ -288,20 +286,7 @@ async def get_device(request: web.Request) -> web.Response:
 async def get_readings(request: web.Request) -> web.Response:
     view = request.app[VIEW]
     cid = cloud_id(request)
-    check_query(request, frozenset({"from", "to", "step"}))
-    now = datetime.now(UTC).replace(microsecond=0)
-    to = query_time(request, "to", now)
-    start = query_time(request, "from", to - timedelta(days=1))
-    step = query_int(request, "step", 60, 1, int(MAX_RANGE.total_seconds()))
-    if start >= to:
-        raise bad_request("'from' must be before 'to'", "bad_range")
-    if to - start > MAX_RANGE:
-        raise bad_request("the range from 'from' to 'to' may span at most 366 days",
-                          "bad_range")
-    points = math.ceil((to - start).total_seconds() / step)
-    if points > MAX_POINTS:
-        raise bad_request(f"{points} points requested; at most {MAX_POINTS} per request "
-                          "(raise 'step' or narrow the range)", "too_many_points")
+    start, to, step = query_series(request)
     async with view.db.acquire() as conn:
         record = await Registry(conn, view.box).get(cid)
         series = await device_series(conn, record.id, start, to, step,
