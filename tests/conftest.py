@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import uvloop
 
-pytest_plugins = ["tests.stackfix"]
+pytest_plugins = ["tests.stackfix", "tests.storefix"]
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config,

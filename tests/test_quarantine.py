@@ -35,7 +35,6 @@ from poller.reading import Reading
 from tests.apiview import fixed_snapshot
 from tests.rows import FakeClock, make_rows
 from tests.stackfix import RunningStack, fresh_database_url
-from tests.test_archive import make_store
 
 # 2029-12-31T23:00Z, as in test_pgload: no partitions made ahead for it.
 H0 = 1_893_452_400
@@ -65,14 +64,6 @@ async def pool(stack: RunningStack) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(url, min_size=1, max_size=3)
     yield pool
     await pool.close()
-
-
-@pytest.fixture
-async def store(stack: RunningStack) -> AsyncIterator[ArchiveStore]:
-    store = make_store(stack)
-    await store.start()
-    yield store
-    await store.close()
 
 
 def line(device_id: Any, tick: Any = None, *, device_at: Any = "same", received: Any = None,

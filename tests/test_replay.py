@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from poller.migrate import migrate
 from poller.reading import READING_COLUMNS, Reading
 from tests.rows import to_records
 from tests.stackfix import RunningStack, fresh_database_url, stack
-from tests.test_archive import encode, make_store
+from tests.test_archive import encode
 
 __all__ = ["stack"]  # the fixture, imported for pytest
 
@@ -36,27 +35,6 @@ def hour_rows(hour: int, devices: range, step_s: int = 120) -> list[Reading]:
     return [Reading(d, float(t), t - 0.25 if d % 2 else None, t + 0.5, 10.0 * d + t % 7,
                     1e6 + t, None if d % 3 else 2.5, 0.1 if t % 2 else None, f"dev-{d}")
             for t in range(hour, hour + 3600, step_s) for d in devices]
-
-
-@pytest.fixture
-async def store(stack: RunningStack) -> AsyncIterator[ArchiveStore]:
-    store = make_store(stack)
-    await store.start()
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def pool(stack: RunningStack) -> AsyncIterator[asyncpg.Pool]:
-    url = fresh_database_url(stack.info)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from poller.retention.job import RetentionJob
 from poller.retention.policy import RetentionPolicy
 from poller.segment import segment_name
 from tests.stackfix import RunningStack, fresh_database_url, stack
-from tests.test_archive import encode, make_store
+from tests.test_archive import encode
 from tests.test_replay import hour_rows
 
 __all__ = ["stack"]  # the fixture, imported for pytest
@@ -51,27 +50,6 @@ def epoch(day: date, hour: int = 0) -> int:
 NOW = float(epoch(D0 + timedelta(days=24), 12))
 """2031-03-25 12:00 UTC: every staged day is older than 14 days."""
 SETTINGS = RetentionSettings(raw_days=14, minute_days=0, hour_days=0)
-
-
-@pytest.fixture
-async def store(stack: RunningStack) -> AsyncIterator[ArchiveStore]:
-    store = make_store(stack)
-    await store.start()
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def pool(stack: RunningStack) -> AsyncIterator[asyncpg.Pool]:
-    url = fresh_database_url(stack.info)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=3)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture
