@@ -212,3 +212,38 @@ def test_sigterm_stops_the_bench_and_every_process_it_started(
             bench.wait()
         for pid in [p for p in started if _alive(p)]:  # only if the bench failed to
             os.kill(pid, signal.SIGKILL)
+
+
+def test_bench_kills_one_instance_and_reports_the_failover(stack: RunningStack, fresh_db: str,
+                                                           tmp_path: Path,
+                                                           capsys: Any) -> None:
+    settings = _settings(stack, fresh_db)
+    args = _bench_args(tmp_path, "--instances", "2", "--kill-one", "--devices", "200",
+                       "--duration", "8")
+    assert run_bench(settings, args) == 0
+    doc = json.loads((tmp_path / "out" / "bench.json").read_text())
+    failover = doc["failover"]
+    assert failover["instances"] == 2 and failover["killed"] == "bench-instance-1"
+    # Rendezvous hashing gives each of two members about half the fleet.
+    assert 40 < failover["devices"] < 160
+    # Every device of the dead one was polled again by the survivor, within
+    # two intervals (heartbeat and lease are derived from the 1 s interval).
+    assert failover["not_repolled"] == 0
+    assert failover["repolled_within_2_intervals"] == failover["devices"]
+    assert 0 < failover["repolled_after_max_s"] <= 2 * failover["interval_s"]
+    assert failover["heartbeat_s"] + failover["lease_s"] < failover["interval_s"]
+    # The gap spans the kill: more than nothing, at most the window after it.
+    assert 0 < failover["gap_p99_s"] <= failover["gap_max_s"]
+    assert failover["gap_max_s"] <= failover["observed_s"] + failover["interval_s"]
+    assert failover["gap_max_intervals"] == pytest.approx(failover["gap_max_s"])  # 1 s interval
+    assert 2.0 < failover["killed_at_s"] < 6.0
+    # The sums go on after the kill: the survivor polled the whole fleet, the
+    # dead one's polls still count, its gauges do not (expected polls/s: 200).
+    main = doc["main"]
+    assert main["completed_polls"] > 200 * 3 and main["ticks_stored"] > 0
+    assert main["scheduled_polls"] == pytest.approx(200 * main["elapsed_s"], rel=0.05)
+    logs = tmp_path / "state" / "bench-logs"
+    assert "cluster" in (logs / "serve-0.log").read_text()
+    out = capsys.readouterr().out
+    assert "== failover: kill -9 of one cluster instance ==" in out
+    assert "largest gap per device, max / p99" in out

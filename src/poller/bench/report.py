@@ -10,9 +10,11 @@ from typing import Any
 
 import orjson
 
+from poller.bench import failover as failing
 from poller.bench import pgstore
 from poller.bench import profile as profiling
 from poller.bench.apiload import ApiLatency
+from poller.bench.failover import Failover
 from poller.bench.pgstore import StorageRun
 from poller.bench.profile import Profile
 from poller.bench.wrkfloor import Floor
@@ -159,6 +161,8 @@ class BenchReport:
     profile: Profile | None = None
     storage: StorageRun | None = None
     """Postgres bytes per reading and loader rows/s (``--storage-devices``)."""
+    failover: Failover | None = None
+    """The killed instance's devices (``--instances N --kill-one``)."""
 
 
 def _mark(ok: bool | None) -> str:
@@ -321,6 +325,9 @@ def render(report: BenchReport) -> str:
     if report.profile is not None:
         out.append("\n== profile: poller serve, main window ==")
         out.extend(profiling.render(report.profile))
+    if report.failover is not None:
+        out.append("\n== failover: kill -9 of one cluster instance ==")
+        out.extend(failing.render(report.failover))
     if report.storage is not None:
         out.append("\n== Postgres storage ==")
         out.extend(pgstore.render(report.storage))

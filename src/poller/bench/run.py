@@ -20,14 +20,16 @@ import signal
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from poller import argtypes, sealing
-from poller.bench import apiload, importbench, pgstore, rollups, soak, storage
+from poller.bench import apiload, failover, importbench, pgstore, rollups, soak, storage
 from poller.bench.children import BenchError, Child, http_json
+from poller.bench.failover import Failover
 from poller.bench.measure import Scrape, process_cpu_s, tree_cpu_s
 from poller.bench.profile import Profile, Recorder
 from poller.bench.report import (
@@ -42,7 +44,7 @@ from poller.bench.report import (
     write_chart,
     write_json,
 )
-from poller.bench.serves import Serves, shard_dir, shard_env
+from poller.bench.serves import Serves, member_dir, member_env, shard_dir, shard_env
 from poller.bench.wrkfloor import Floor, run_floor
 from poller.config import Settings
 from poller.netpolicy import LOOPBACK_NETWORKS
@@ -91,6 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=argtypes.count, default=1, metavar="N",
                         help="run N poller instances, shard k/N each (polling.shard), and "
                         "report their sum (default 1)")
+    parser.add_argument("--instances", type=argtypes.count, default=0, metavar="N",
+                        help="run N poller instances as one cluster (cluster.enabled, a name "
+                        "of this run's own; heartbeat and lease at most 1/8 and 1/2 of the "
+                        "interval) and report their sum")
+    parser.add_argument("--kill-one", action="store_true",
+                        help="with --instances: SIGKILL one instance in the middle of the "
+                        "window and report the failover gap of its devices (from the "
+                        "simulator's record of polls)")
     parser.add_argument("--sample-every", type=argtypes.seconds, default=1.0, metavar="SECONDS",
                         help="how often to scrape /metrics during the window (default 1)")
     parser.add_argument("--storage-devices", type=argtypes.whole, default=500, metavar="N",
@@ -128,6 +138,8 @@ class _Options:
     api_rate_per_s: float
     storage_devices: int = 0
     storage_hours: int = 4
+    instances: int = 0
+    kill_one: bool = False
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -172,6 +184,7 @@ def _options(args: argparse.Namespace) -> _Options:
     if args.storage_hours > 24:
         raise BenchError("--storage-hours: the storage measure fills one daily partition, "
                          "at most 24 hours")
+    _check_instances(args)
     return _Options(
         devices=min(args.devices, _MAX_DEVICES), interval_s=args.interval,
         duration_s=args.duration,
@@ -181,7 +194,26 @@ def _options(args: argparse.Namespace) -> _Options:
         small_devices=small, sweep=args.sweep, keep_stack=args.keep_stack, seed=args.seed,
         sample_every_s=args.sample_every, profile_path=args.profile, shards=args.shards,
         api_load=args.api_load, api_rate_per_s=args.api_rate,
-        storage_devices=args.storage_devices, storage_hours=args.storage_hours)
+        storage_devices=args.storage_devices, storage_hours=args.storage_hours,
+        instances=args.instances, kill_one=args.kill_one)
+
+
+def _check_instances(args: argparse.Namespace) -> None:
+    if args.instances and args.shards > 1:
+        raise BenchError("--instances and --shards: the one or the other (a cluster "
+                         "shares the fleet by itself)")
+    if args.instances and (args.soak_hours is not None or args.import_devices is not None):
+        raise BenchError("--instances runs with the fleet bench only, not --soak-hours "
+                         "or --import-devices")
+    if not args.kill_one:
+        return
+    if args.instances < 2:
+        raise BenchError("--kill-one needs --instances 2 or more (a survivor to take over)")
+    if args.sweep:
+        raise BenchError("--kill-one measures one window: not with --sweep")
+    if args.duration < 6 * args.interval:
+        raise BenchError("--kill-one needs --duration of at least 6 intervals: the kill "
+                         "comes in the middle, and failover takes up to two")
 
 
 def _progress(line: str) -> None:
@@ -215,6 +247,12 @@ class _Bench:
         self.postgres_pid: int | None = None
         self.notes: list[str] = []
         self.profile: Profile | None = None
+        self.failover: Failover | None = None
+        self.cluster_name = f"bench-{uuid.uuid4().hex[:10]}"
+        # Failover within two intervals wants lease + heartbeat below one.
+        c = settings.cluster
+        self.heartbeat_s = max(0.05, min(c.heartbeat_s, opts.interval_s / 8))
+        self.lease_s = max(0.2, 2 * self.heartbeat_s, min(c.lease_s, opts.interval_s / 2))
 
     # -- set-up and tear-down -------------------------------------------------------
 
@@ -333,7 +371,7 @@ class _Bench:
             sweep=sweep, sweep_largest_held=largest,
             targets=evaluate(main, slope, multiple, largest), notes=self.notes,
             chart=None if reason else str(opts.chart_path), profile=self.profile,
-            storage=stored)
+            storage=stored, failover=self.failover)
 
     def _sweep(self) -> tuple[list[FleetRun], list[SweepStep], int | None]:
         runs: list[FleetRun] = []
@@ -412,8 +450,18 @@ class _Bench:
         last = start.scrape
         last_t = start.mono
         end_at = start.mono + opts.duration_s
+        # In the middle, but no more intervals before the end than the
+        # simulator keeps arrivals of a device.
+        kill_at = start.mono + max(opts.duration_s / 2, opts.duration_s
+                                   - failover.MAX_INTERVALS_AFTER_KILL * opts.interval_s) \
+            if opts.kill_one and label == "main" else math.inf
         while (left := end_at - time.monotonic()) > 0:
-            time.sleep(min(opts.sample_every_s, left))
+            time.sleep(min(opts.sample_every_s, left, max(0.0, kill_at - time.monotonic())))
+            if time.monotonic() >= kill_at:
+                kill_at = math.inf
+                killed = serves.kill_last()
+                _progress(f"{label}: SIGKILL to {killed.child.name} (pid {killed.child.pid}, "
+                          f"{len(killed.devices):,} devices)")
             serves.check_alive()
             sim.check_alive()
             if end_at - time.monotonic() <= 0:
@@ -440,9 +488,11 @@ class _Bench:
         jitter = http_json(sim_url + "/_sim/jitter")
         sim_requests = int(http_json(sim_url + "/_sim/stats")["requests"])
         k = math.floor((end.wall - start.wall) / opts.interval_s + 1e-9)
+        if serves.killed:
+            self.failover = self._failover(serves, sim_url, start.wall)
         stored = self._stored_ticks(start.wall, start.wall + k * opts.interval_s, serves) \
             if k else 0
-        for child in serves.children:
+        for child in serves.started:
             self._stop(child)
         self._stop(sim)
         run = dataclasses.replace(
@@ -454,7 +504,25 @@ class _Bench:
                   f"{'held' if run.held else 'NOT held'}")
         return run
 
+    def _failover(self, serves: Serves, sim_url: str, window_at: float) -> Failover:
+        killed = serves.killed[0]
+        until = time.time()
+        _progress(f"failover: the simulator's record of {len(killed.devices):,} devices")
+        seen = failover.arrivals(sim_url, killed.devices)
+        gaps = [failover.device_gap(cid, seen[cid], killed.at_wall, until)
+                for cid in killed.devices]
+        self.notes.append("after the kill, poller CPU and RSS are the survivors' (plus the "
+                          "killed instance's CPU until then)")
+        return failover.summarize(
+            gaps, instances=self.opts.instances,
+            killed=killed.instance_id,
+            killed_at_s=killed.at_wall - window_at, observed_s=until - killed.at_wall,
+            interval_s=self.opts.interval_s, heartbeat_s=self.heartbeat_s,
+            lease_s=self.lease_s)
+
     def _start_serves(self, label: str) -> Serves:
+        if self.opts.instances:
+            return self._start_members(label)
         n = self.opts.shards
         if n == 1:
             _progress(f"{label}: starting poller serve")
@@ -466,11 +534,27 @@ class _Bench:
                         shard_env(self.child_env, self.state_dir, k, n, key))
             for k in range(n)])
 
+    def _start_members(self, label: str) -> Serves:
+        n = self.opts.instances
+        _progress(f"{label}: starting {n} poller serve instances as cluster "
+                  f"{self.cluster_name} (heartbeat {self.heartbeat_s:g} s, "
+                  f"lease {self.lease_s:g} s)")
+        key = sealing.encode_key(sealing.load_key(self.state_dir))
+        return Serves([
+            self._start(f"serve-{k}", ["serve"],
+                        member_env(self.child_env, self.state_dir, k, key,
+                                   cluster=self.cluster_name, heartbeat_s=self.heartbeat_s,
+                                   lease_s=self.lease_s))
+            for k in range(n)])
+
     def _snapshot(self, serves: Serves, sim: Child, sim_url: str, *,
                   reset: bool) -> _Snapshot:
         n = self.opts.shards
         spools = [self.state_dir / "spool"] if n == 1 else \
             [shard_dir(self.state_dir, k) / "spool" for k in range(n)]
+        if self.opts.instances:
+            spools = [member_dir(self.state_dir, k) / "spool"
+                      for k in range(self.opts.instances)]
         archive = storage.archive_bytes(self.settings, spools, self.s3_endpoint_url)
         if reset:
             http_json(sim_url + "/_sim/reset", method="POST", body={})
