@@ -306,6 +306,16 @@ async def test_instances_share_the_fleet_fail_over_and_hand_over(
         await asyncio.sleep(2 * INTERVAL_S)
         assert not _doubled(sim, t0, time.time()), "steady state: a device polled twice"
 
+        # The API of any member answers for any device: b's, as seen from a.
+        theirs = sorted(await b.owned(http))[0]
+        async with http.get(f"{a.url}/api/devices/{theirs}") as resp:
+            doc = await resp.json()
+        assert doc["state"] == "ok" and doc["status_source"] == "cluster", doc
+        async with http.get(f"{a.url}/api/devices", params={"limit": "1000"}) as resp:
+            listed = {d["cloud_id"]: d for d in (await resp.json())["devices"]}
+        assert listed[theirs]["state"] == "ok"
+        assert not any(d["state"] == "unpolled" for d in listed.values())
+
         # kill -9: the survivors poll every one of its devices within 2 intervals.
         died = time.time()
         c.kill()

@@ -129,6 +129,9 @@ _SCHEMAS: dict[str, Schema] = {
             "enabled": _BOOL, "created_at": _STR, "updated_at": _STR,
             "status": _ref("DeviceStatus"),
             "state": {"type": "string", "enum": list(DEVICE_STATES)},
+            "status_source": {"type": "string", "enum": ["cluster"],
+                              "description": "present when another cluster member polls "
+                              "the device: its status comes from the live state in Redis"},
         },
     },
     "DeviceList": {

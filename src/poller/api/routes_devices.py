@@ -6,8 +6,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
+from redis.exceptions import RedisError
 
+from poller import keys
 from poller.api.auth import Access, requires
 from poller.api.errors import bad_request, json_response
 from poller.api.keys import VIEW
@@ -53,6 +56,7 @@ POOL_STATES = frozenset(s.value for s in DeviceState)
 SCAN_ROWS = 5000
 """Registry rows a ``disabled`` or ``unpolled`` page reads at most."""
 _YIELD_EVERY = 250
+_REDIS_TIMEOUT_S = 1.0
 USER_FIELDS = frozenset({"email", "driver", "url", "interval_s", "enabled", "password",
                          "fields", "options"})
 
@@ -87,6 +91,32 @@ def device_json(view: ServiceView, record: DeviceRecord) -> dict[str, Any]:
     doc["status"] = status
     doc["state"] = _state(record, status)
     return doc
+
+
+async def with_cluster_status(view: ServiceView, docs: list[dict[str, Any]]) -> None:
+    """In a cluster, the status of a device another member polls, from the
+    live state every member writes to Redis (``keys.STATE``): one HMGET for
+    the lot. Outside a cluster, or with Redis away, the documents stay as
+    they are (a device this process does not poll is ``unpolled``)."""
+    if getattr(view, "cluster", None) is None or view.redis is None:
+        return
+    missing = [d for d in docs if d["status"] is None and d["enabled"]]
+    if not missing:
+        return
+    try:
+        async with asyncio.timeout(_REDIS_TIMEOUT_S):
+            raws = await view.redis.hmget(keys.STATE, [d["cloud_id"] for d in missing])
+    except (RedisError, OSError, TimeoutError):
+        return
+    for doc, raw in zip(missing, raws, strict=True):
+        try:
+            status = orjson.loads(raw) if raw is not None else None
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(status, dict):
+            doc["status"] = status
+            doc["state"] = str(status.get("state", doc["state"]))
+            doc["status_source"] = "cluster"
 
 
 def _state(record: DeviceRecord, status: dict[str, Any] | None) -> str:
@@ -224,6 +254,8 @@ async def list_devices(request: web.Request) -> web.Response:
             found.append(doc)
         if i % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)  # a page of 1000 is ~10 ms of work: let polls in
+    if state is None:  # (a state filter reads this member's own index)
+        await with_cluster_status(view, found)
     return json_response({"devices": found, "next_after": next_after})
 
 
@@ -278,7 +310,9 @@ async def get_device(request: web.Request) -> web.Response:
     cid = cloud_id(request)
     async with view.db.acquire() as conn:
         record = await Registry(conn, view.box).get(cid)
-    return json_response(device_json(view, record))
+    doc = device_json(view, record)
+    await with_cluster_status(view, [doc])
+    return json_response(doc)
 
 
 @routes.get("/api/devices/{cloud_id}/readings")
