@@ -142,7 +142,11 @@ def is_repeating(session: DeviceSession) -> TypeGuard[RepeatingSession]:
 
 
 class Driver(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """As stored in ``devices.driver``: a class attribute of each driver
+        (a ClassVar, so that a compiled class keeps it on the class)."""
+        ...
 
     def session(self, device: DeviceSpec) -> DeviceSession:
         """Validate ``device`` (raise ValueError with a clear message) and

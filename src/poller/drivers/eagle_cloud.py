@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -77,7 +77,6 @@ _FLAT_FIELD = re.compile(rf"<({_XML_NAME})>([^<&]*)</({_XML_NAME})>")
 _new_tuple = tuple.__new__  # Sample(...) runs a Python-level __new__
 _CONTENT_TYPE = ("Content-Type", "text/xml")
 
-_NO_PENDING: tuple[float | None, float] = (None, 0.0)
 _IDLE = 0
 _AWAIT_DEMAND = 1
 _AWAIT_SUMMATION = 2
@@ -232,7 +231,10 @@ class EagleCloudSession:
         self._secret = secret
         self._state = _IDLE
         self._with_totals = False
-        self._pending: tuple[float | None, float] = _NO_PENDING
+        self._pending: tuple[float | None, float] | None = None
+        """``(device_at, demand_w)`` of a poll waiting for its totals. None,
+        not a sentinel tuple: the compiled build keeps such a tuple unboxed,
+        so an identity test on it would not hold."""
 
     def __repr__(self) -> str:
         return f"EagleCloudSession(url={self._url!r})"
@@ -265,8 +267,10 @@ class EagleCloudSession:
             return self._request(SUMMATION_COMMAND)
         if state == _AWAIT_SUMMATION:
             summed_at, delivered, received = parse_summation(checked_body(response), self._secret)
-            device_at, demand_w = self._pending
-            self._pending = _NO_PENDING  # not held by every device until its next totals poll
+            pending = self._pending
+            self._pending = None  # not held by every device until its next totals poll
+            assert pending is not None  # set with _AWAIT_SUMMATION
+            device_at, demand_w = pending
             if device_at is None:
                 device_at = summed_at
             return _new_tuple(Sample, (device_at, demand_w, delivered, received, None))
@@ -275,9 +279,9 @@ class EagleCloudSession:
     def partial(self) -> Sample | None:
         """The demand reading of a poll whose totals follow-up failed."""
         pending = self._pending
-        if pending is _NO_PENDING:
+        if pending is None:
             return None
-        self._pending = _NO_PENDING
+        self._pending = None
         return _new_tuple(Sample, (*pending, None, None, None))
 
 
@@ -291,7 +295,7 @@ class EagleCloudDriver:
     'https://rainforestcloud.com:9445/cgi-bin/post_manager'
     """
 
-    name = NAME
+    name: ClassVar[str] = NAME
 
     def __init__(self, cloud_base_url: str = DEFAULT_CLOUD_BASE_URL) -> None:
         self._default_url = endpoint_url(cloud_base_url, POST_MANAGER_PATH, "cloud_base_url")

@@ -25,6 +25,7 @@ import base64
 import re
 import xml.etree.ElementTree as ET
 from decimal import Decimal
+from typing import ClassVar
 
 from poller.drivers.base import DeviceSpec, Outcome, PollFailure, Sample
 from poller.drivers.hexcodec import decode_unsigned_hex
@@ -292,7 +293,7 @@ class EagleLocalDriver:
     ('http://192.168.1.50/cgi-bin/post_manager', b'<Command><Name>device_list</Name></Command>')
     """
 
-    name = NAME
+    name: ClassVar[str] = NAME
 
     def session(self, device: DeviceSpec) -> EagleLocalSession:
         if not device.url:

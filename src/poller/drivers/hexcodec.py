@@ -15,6 +15,7 @@ device simulator encodes with it, so the two agree by construction.
 
 from __future__ import annotations
 
+import operator
 import re
 
 EPOCH_2000_UNIX = 946_684_800
@@ -97,8 +98,16 @@ def unix_from_2000(seconds: int) -> int:
 def scale(raw: int, multiplier: int, divisor: int, unit_factor: int = 1) -> float:
     """``raw * multiplier / divisor * unit_factor``; a zero multiplier or
     divisor means 1, as the manual says. One division keeps it exact for
-    integers below 2**53 (``unit_factor=1000``: kW -> W, kWh -> Wh)."""
-    return raw * (multiplier or 1) * unit_factor / (divisor or 1)
+    integers below 2**53 (``unit_factor=1000``: kW -> W, kWh -> Wh), and
+    Python's int division rounds correctly past it.
+
+    >>> scale(643545, 111969785, 3, 1000)  # past 2**53: the nearest float
+    2.4019198429275e+16
+    """
+    # operator.truediv, not `/`: compiled (poller.build), `/` between two
+    # ints goes through doubles, off by one in the last digit past 2**53.
+    quotient: float = operator.truediv(raw * (multiplier or 1) * unit_factor, divisor or 1)
+    return quotient
 
 
 def encode_scaled(value: float, multiplier: int, divisor: int) -> int:
