@@ -14,6 +14,9 @@ export POLLER_STATE_DIR ?= $(CURDIR)/var
 # defusedxml): a floor lower than the code needs fails here, not for a user.
 # Cost: about 55 s of tests, plus 15 s to build the venv from pip's cache (40 s
 # cold); the venv is kept until pyproject.toml changes.
+# The same run is the pure-Python build's (POLLER_PURE=1: installed without
+# compiling, and the modules the main venv compiled run from their sources),
+# with the per-poll path's own tests added, so that neither build rots.
 MINVER       := .venv-minver
 MINVER_STAMP := $(MINVER)/.installed
 MINVER_TESTS := tests/test_e2e.py::test_clean_run_everything_everywhere \
@@ -23,7 +26,8 @@ MINVER_TESTS := tests/test_e2e.py::test_clean_run_everything_everywhere \
 	tests/test_api.py::test_create_update_get_delete tests/test_api.py::test_metrics_exposition \
 	tests/test_api.py::test_health_and_readiness \
 	tests/test_pgload.py::test_load_twice_inserts_nothing_the_second_time \
-	tests/test_transport.py tests/test_drivers_local.py
+	tests/test_transport.py tests/test_drivers_local.py \
+	tests/test_build.py tests/test_drivers_cloud.py tests/test_polling.py
 
 .PHONY: install run test test-minver lint bench clean stack-down help install-service
 
@@ -36,10 +40,17 @@ help:
 	@echo "make install-service   install the systemd unit (DRY_RUN=1 to preview)"
 	@echo "make clean    stop the embedded stack, remove the venv and state"
 
-$(STAMP): pyproject.toml
+# The editable install compiles the per-poll modules with mypyc (setup.py,
+# src/poller/build.py): about 35 s more than a pure install. It runs again
+# when one of their sources changed, since until then they run as plain Python
+# (`poller --version` says which build runs).
+COMPILED_SOURCES := $(shell $(PYTHON) src/poller/build.py)
+
+$(STAMP): pyproject.toml setup.py src/poller/build.py $(COMPILED_SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[embedded,dev]'
+	$(BIN)/poller --version
 	@touch $@
 
 install: $(STAMP)
@@ -56,13 +67,13 @@ $(MINVER_STAMP): pyproject.toml scripts/minver_constraints.py | $(STAMP)
 	rm -rf $(MINVER)
 	$(PYTHON) -m venv --without-pip $(MINVER)
 	$(BIN)/python scripts/minver_constraints.py > $(MINVER)/constraints.txt
-	$(BIN)/python -m pip --python $(MINVER)/bin/python install -q \
+	POLLER_PURE=1 $(BIN)/python -m pip --python $(MINVER)/bin/python install -q \
 		-c $(MINVER)/constraints.txt -e '.[embedded]' \
 		pytest pytest-asyncio pytest-timeout hypothesis
 	@touch $@
 
 test-minver: $(MINVER_STAMP)
-	$(MINVER)/bin/python -m pytest -q -p no:cacheprovider $(MINVER_TESTS)
+	POLLER_PURE=1 $(MINVER)/bin/python -m pytest -q -p no:cacheprovider $(MINVER_TESTS)
 
 bench: $(STAMP)
 	sh scripts/sysdeps.sh bench
@@ -81,4 +92,6 @@ stack-down:
 	@if [ -x $(BIN)/poller ]; then $(BIN)/poller stack down; fi
 
 clean: stack-down
-	rm -rf $(VENV) $(MINVER) var build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MINVER) var build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache \
+		src/*__mypyc*.so src/poller/_build_fingerprint.py
+	find src -name '*.so' -delete

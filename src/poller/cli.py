@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from poller import __version__, argtypes, logs
+from poller import __version__, argtypes, build, logs
 from poller.cliutil import PASSWORD_ENV, settings_from
 from poller.errors import PollerError
 
@@ -47,7 +47,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="poller", description="Polls fleets of home energy gateways on a "
                      "fixed schedule and keeps every reading.")
-    parser.add_argument("--version", action="version", version=f"poller {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"poller {__version__}, {build.build_kind()}")
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)

@@ -33,7 +33,9 @@ ENV_PREFIX = "POLLER_"
 # Environment variables that are read elsewhere and are not configuration keys.
 NON_CONFIG_ENV = frozenset(
     {"POLLER_CONFIG", "POLLER_SECRET_KEY", "POLLER_DEVICE_PASSWORD", "POLLER_SCHEMA_DIR",
-     "POLLER_API_TOKEN", "POLLER_DEMO_DEVICES"}
+     "POLLER_API_TOKEN", "POLLER_DEMO_DEVICES",
+     # Read when poller is first imported (poller.build): no setting.
+     "POLLER_PURE"}
 )
 REDACTED = "***"
 
