@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poller import argtypes, sealing
+from poller import argtypes, build, sealing
 from poller.bench import apiload, failover, importbench, pgstore, rollups, soak, storage
 from poller.bench.children import BenchError, Child, http_json
 from poller.bench.failover import Failover
@@ -360,6 +360,8 @@ class _Bench:
         self.notes.append("load average (1/5/15 min) at the end: "
                           + " / ".join(f"{x:.2f}" for x in os.getloadavg())
                           + f" on {os.cpu_count()} CPUs (the machine may be shared)")
+        # The children run what this process runs (same interpreter and paths).
+        self.notes.append(f"build: {build.build_kind()}")
         return BenchReport(
             config={"devices": opts.devices, "interval_s": opts.interval_s,
                     "duration_s": opts.duration_s, "warmup_s": opts.warmup_s,
