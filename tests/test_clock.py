@@ -8,7 +8,6 @@ test_polling.py.
 from __future__ import annotations
 
 import asyncio
-import doctest
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from poller.api.metrics import make_registry
 from poller.api.view import FleetSnapshot
 from poller.clock import Clock, FakeClock, LoopClock, settle
 from poller.polling.stats import LogHistogram
+from tests import sources
 from tests.apiview import fixed_snapshot
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -29,7 +29,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 @pytest.mark.parametrize("module", [poller.clock, poller.polling.schedule])
 def test_docstring_examples(module: Any) -> None:
-    result = doctest.testmod(module)
+    result = sources.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 

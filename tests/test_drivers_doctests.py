@@ -10,6 +10,7 @@ import pkgutil
 import pytest
 
 import poller.drivers
+from tests import sources
 
 MODULES = sorted(f"poller.drivers.{m.name}" for m in pkgutil.iter_modules(poller.drivers.__path__))
 
@@ -21,5 +22,5 @@ def test_every_driver_module_is_found() -> None:
 
 @pytest.mark.parametrize("name", ["poller.drivers", *MODULES])
 def test_docstring_examples(name: str) -> None:
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    result = sources.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"

@@ -55,8 +55,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     for name in SOURCES:
         source = PROJECT / name
         if source.is_dir():
+            # Without setup.py and the editable tree's compiled build: the
+            # wheel is the pure-Python one (compiling it would add a minute;
+            # tests/test_build.py covers the compiled build).
             shutil.copytree(source, tree / name, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so",
+                                                          "_build_fingerprint.py"))
         else:
             shutil.copy2(source, tree / name)
     dist = work / "dist"

@@ -42,6 +42,7 @@ from poller.simulator.main import Simulator, SimulatorConfig
 from poller.simulator.payloads import http_json_options, http_json_url
 from poller.transport import AiohttpClient, FastHttpClient
 from poller.transport.prepared import PreparedRequest
+from tests import sources
 
 SEED = 3
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -151,7 +152,7 @@ def test_context_docstring_examples() -> None:
 
 
 def test_stats_docstring_examples() -> None:
-    result = doctest.testmod(stats)
+    result = sources.testmod(stats)
     assert result.attempted > 0 and result.failed == 0
 
 

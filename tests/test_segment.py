@@ -3,7 +3,6 @@ archive, and the NDJSON of each member, encoded and decoded in one place."""
 
 from __future__ import annotations
 
-import doctest
 import gzip
 from pathlib import Path
 
@@ -24,13 +23,14 @@ from poller.segment import (
     parse_segment_name,
     segment_name,
 )
+from tests import sources
 from tests.rows import FakeClock, make_rows
 
 H0 = 1_763_884_800  # 2025-11-23T08:00:00Z, an hour boundary
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(poller.segment)
+    result = sources.testmod(poller.segment)
     assert result.attempted > 0 and result.failed == 0
 
 
