@@ -9,9 +9,10 @@ plain synchronous functions that talk HTTP to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -212,3 +213,14 @@ def dead_redis_url() -> str:
         port = s.getsockname()[1]
     return f"redis://127.0.0.1:{port}/0"
 
+
+
+@contextlib.contextmanager
+def api_server(database_url: str, redis_url: str, admin: str = ADMIN_TOKEN,
+               read: str = READ_TOKEN) -> Iterator[ApiServer]:
+    """An :class:`ApiServer` over its own database, stopped however the block ends."""
+    srv = ApiServer(database_url, redis_url, settings_with(admin, read)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

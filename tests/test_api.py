@@ -26,6 +26,7 @@ from tests.apiview import (
     ADMIN_TOKEN,
     READ_TOKEN,
     ApiServer,
+    api_server,
     dead_redis_url,
     fixed_snapshot,
     settings_with,
@@ -37,12 +38,8 @@ PASSWORD = "pw-" + uuid.uuid4().hex
 
 @pytest.fixture(scope="module")
 def server(stack: RunningStack) -> Iterator[ApiServer]:  # noqa: F811
-    srv = ApiServer(fresh_database_url(stack.info), stack.info.redis_url,
-                    settings_with(ADMIN_TOKEN, READ_TOKEN)).start()
-    try:
+    with api_server(fresh_database_url(stack.info), stack.info.redis_url) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

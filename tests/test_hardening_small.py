@@ -29,7 +29,7 @@ from poller.migrate import migrate
 from poller.netpolicy import NetPolicy
 from poller.registry import Registry, check_cloud_id, check_email, registry_key
 from poller.service import Service
-from tests.apiview import ADMIN_TOKEN, READ_TOKEN, ApiServer, settings_with
+from tests.apiview import ADMIN_TOKEN, READ_TOKEN, ApiServer, api_server, settings_with
 from tests.stackfix import RunningStack, fresh_database_url
 
 PASSWORD = "pw-" + uuid.uuid4().hex
@@ -177,12 +177,8 @@ def test_serve_refuses_an_open_public_api_before_starting_anything(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def server(stack: RunningStack) -> Iterator[ApiServer]:
-    srv = ApiServer(fresh_database_url(stack.info), stack.info.redis_url,
-                    settings_with(ADMIN_TOKEN, READ_TOKEN)).start()
-    try:
+    with api_server(fresh_database_url(stack.info), stack.info.redis_url) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from poller.polling.sync import RegistryWatcher
 from poller.registry import CHANNEL, RESYNC_ALL, DeviceRecord, Registry
 from poller.stack import pg_bin_dir
 from poller.transport import FastHttpClient
-from tests.apiview import ADMIN_TOKEN, READ_TOKEN, ApiServer, settings_with
+from tests.apiview import ADMIN_TOKEN, READ_TOKEN, ApiServer, api_server
 from tests.stackfix import RunningStack, fresh_database_url
 
 P = "Canary-" + uuid.uuid4().hex[:12]
@@ -464,12 +464,8 @@ def test_logger_records_from_redis(stack: RunningStack, tmp_path: Path,
 
 @pytest.fixture(scope="module")
 def server(stack: RunningStack) -> Iterator[ApiServer]:
-    srv = ApiServer(fresh_database_url(stack.info), stack.info.redis_url,
-                    settings_with(ADMIN_TOKEN, READ_TOKEN)).start()
-    try:
+    with api_server(fresh_database_url(stack.info), stack.info.redis_url) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _post(server: ApiServer, body: bytes, query: str = "", *, token: str | None = ADMIN_TOKEN,
