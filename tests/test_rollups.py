@@ -22,6 +22,7 @@ from poller.ingest.spool import Spool
 from poller.migrate import migrate
 from poller.polling.stats import OUTCOME_INDEX
 from poller.reading import Reading
+from poller.rollups.layout import sort_closed_months
 from poller.rollups.query import device_series, fleet_series, level_for
 from poller.rollups.worker import RollupWorker, mark_minutes
 from tests.rollupcheck import assert_rollups_match
@@ -239,3 +240,34 @@ async def test_late_rows_for_a_dropped_raw_day_keep_its_rollups(
     assert await db.fetch("SELECT * FROM readings_1m ORDER BY device_id, bucket") == whole
     assert await db.fetchval("SELECT count(*) FROM rollup_dirty") == 0
     await loader.stop()
+
+
+async def test_closed_months_of_hour_rollups_are_sorted_by_device_once(
+        db: asyncpg.Pool) -> None:
+    # Written hour by hour, as the worker writes them: a device's rows apart.
+    def month_rows(day: datetime) -> list[tuple[int, datetime]]:
+        return [(device, day + timedelta(hours=h)) for h in range(24) for device in range(1, 41)]
+
+    closed, dirty, current = (datetime(2024, 1, 5, tzinfo=UTC), datetime(2024, 2, 10, tzinfo=UTC),
+                              datetime(2024, 3, 2, tzinfo=UTC))
+    for day in (closed, dirty, current):
+        await db.execute("SELECT poller_ensure_rollup_partitions($1::date, 1)", day)
+        await db.executemany("INSERT INTO readings_1h (device_id, bucket, readings, demand_n, "
+                             "demand_sum, failed) VALUES ($1, $2, 600, 600, $1::bigint * 10.0, 0)",
+                             month_rows(day))
+    await db.execute("INSERT INTO rollup_dirty (level, bucket) VALUES ('hour', $1)", dirty)
+
+    async def physical(part: str) -> list[int]:  # a plain scan reads the heap in order
+        return [r["device_id"] for r in await db.fetch(f"SELECT device_id FROM {part}")]
+
+    assert await physical("readings_1h_p202401") != sorted(await physical("readings_1h_p202401"))
+    total = await db.fetchval("SELECT sum(demand_sum) FROM readings_1h")
+    now = datetime(2024, 3, 10, tzinfo=UTC)
+    async with db.acquire() as conn:
+        # February waits for its dirty hour, March is not over.
+        assert await sort_closed_months(conn, now) == ["readings_1h_p202401"]
+        assert await sort_closed_months(conn, now) == []  # once
+    jan = await physical("readings_1h_p202401")
+    assert jan == sorted(jan) and len(jan) == 40 * 24
+    assert await physical("readings_1h_p202402") != sorted(await physical("readings_1h_p202402"))
+    assert await db.fetchval("SELECT sum(demand_sum) FROM readings_1h") == total

@@ -23,6 +23,7 @@ from poller.clock import Clock
 from poller.db import ConnectionSource
 from poller.ingest.compact import CompactError, closed_days, compact_day
 from poller.retention.policy import RetentionPolicy, RetentionReport
+from poller.rollups.layout import sort_closed_months
 
 log = logging.getLogger("poller.retention")
 
@@ -95,9 +96,24 @@ class RetentionJob:
             log.info("retention: %s", report.skipped)
         if self.policy.settings.compact:
             await self.compact()
+        await self.sort_hour_months()
         self.runs += 1  # a run is over once its days are packed too
         self.last = report
         return report
+
+    async def sort_hour_months(self) -> list[str]:
+        """Rewrite each closed month of hour rollups in device order, once
+        (:mod:`poller.rollups.layout`); the partitions sorted."""
+        now = datetime.fromtimestamp(self.clock.wall(), UTC)
+        try:
+            async with self._pool.acquire() as conn:
+                return await sort_closed_months(conn, now)
+        except (OSError, ConnectionError, asyncpg.PostgresError,
+                asyncpg.InterfaceError) as exc:
+            self.failures += 1
+            log.warning("retention: sorting closed months of hour rollups stopped (%s: %s); "
+                        "the next daily run goes on", type(exc).__name__, exc)
+            return []
 
     async def compact(self) -> int:
         """Pack every closed day still in raw form (after the drops: a day about
