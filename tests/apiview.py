@@ -111,6 +111,12 @@ class FakeFleetView:
                       if status.get("state") == state and self.status_ids[cid] > after_id
                       )[:limit]
 
+    def most_failing(self, limit: int) -> list[int]:
+        failing = [(status.get("consecutive_failures", 0), self.status_ids[cid])
+                   for cid, status in self.statuses.items()
+                   if status.get("state") in ("failing", "auth_failed")]
+        return [i for _, i in sorted(failing, key=lambda f: -f[0])[:limit]]
+
     def loop_responsive(self) -> bool:
         return self.responsive
 

@@ -124,6 +124,30 @@ def test_registry_validation_is_reported(server: ApiServer) -> None:
     assert "email" in err["message"]
 
 
+def test_most_failing_devices_come_most_failures_first(server: ApiServer) -> None:
+    docs = [create(server, new_id()) for _ in range(4)]
+    assert server.view is not None
+    for doc, (state, failures) in zip(docs, [("failing", 2), ("auth_failed", 9), ("ok", 0),
+                                             ("failing", 5)], strict=True):
+        server.view.statuses[doc["cloud_id"]] = {"state": state,
+                                                 "consecutive_failures": failures}
+        server.view.status_ids[doc["cloud_id"]] = doc["id"]
+    try:
+        reply = server.request("GET", "/api/fleet/failing?limit=10", token=READ_TOKEN)
+        assert reply.status == 200
+        shown = [(d["cloud_id"], d["status"]["consecutive_failures"])
+                 for d in reply.json()["devices"]]
+        ours = {d["cloud_id"] for d in docs}
+        assert [s for s in shown if s[0] in ours] == [
+            (docs[1]["cloud_id"], 9), (docs[3]["cloud_id"], 5), (docs[0]["cloud_id"], 2)]
+        assert_error(server.request("GET", "/api/fleet/failing?limit=101", token=READ_TOKEN),
+                     400, "bad_request")
+    finally:
+        for doc in docs:
+            server.view.statuses.pop(doc["cloud_id"], None)
+            server.view.status_ids.pop(doc["cloud_id"], None)
+
+
 def test_listing_paginates_and_filters_by_state(server: ApiServer) -> None:
     docs = [create(server, new_id()) for _ in range(3)]
     ids = [d["cloud_id"] for d in docs]

@@ -268,6 +268,9 @@ def test_fleet_numbers_equal_the_fleet_api(dash: Dash, tab: Tab) -> None:
     replies: list[Any] = []
     tab.page.on("response", lambda r: replies.append(r)
                 if r.url.endswith("/api/fleet") and r.ok else None)
+    worst_replies: list[Any] = []
+    tab.page.on("response", lambda r: worst_replies.append(r)
+                if "/api/fleet/failing?" in r.url and r.ok else None)
     with tab.page.expect_response(lambda r: r.url.endswith("/api/fleet")) as answer:
         open_page(tab, "#/fleet")
     shown_doc = answer.value.json()
@@ -279,6 +282,12 @@ def test_fleet_numbers_equal_the_fleet_api(dash: Dash, tab: Tab) -> None:
     assert {"lateness_window_p50_s", "lateness_window_p99_s"} <= {n for n, _, _ in fields}
     answers = [r.json() for r in replies]
     assert answers
+    # The most-failing table is one of the server's rankings, in its order.
+    tab.page.wait_for_selector('[data-part="worst"] table, [data-part="worst"] p')
+    listed = tab.page.eval_on_selector_all('[data-table="worst"] tbody tr td:first-child',
+                                           "els => els.map(e => e.textContent)")
+    rankings = [[d["cloud_id"] for d in r.json()["devices"]] for r in worst_replies]
+    assert rankings and listed in rankings, (listed, rankings)
     assert any(not _differences(doc, fields) for doc in answers), \
         [_differences(doc, fields) for doc in answers]
     # And what the page got is what the API says (the fleet does not change size).

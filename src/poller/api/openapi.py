@@ -134,6 +134,11 @@ _SCHEMAS: dict[str, Schema] = {
                               "the device: its status comes from the live state in Redis"},
         },
     },
+    "FailingDevices": {
+        "type": "object", "required": ["devices"], "additionalProperties": False,
+        "properties": {"devices": {"type": "array", "maxItems": 100,
+                                   "items": _ref("Device")}},
+    },
     "DeviceList": {
         "type": "object", "required": ["devices", "next_after"], "additionalProperties": False,
         "properties": {"devices": {"type": "array", "items": _ref("Device")},
@@ -463,6 +468,14 @@ def _paths() -> dict[str, Schema]:
             "responses": {**_ok("Alive.", _ref("Health")),
                           **_ok("Event loop unresponsive.", _ref("Health"), "503"),
                           "500": _ERRORS["500"]}}},
+        "/api/fleet/failing": {"get": {
+            "operationId": "getMostFailing", "summary": "The polled devices failing "
+            "longest (most failures in a row, failing and auth_failed), most first",
+            "security": _READ_SECURITY,
+            "parameters": [_query("limit", {"type": "integer", "minimum": 1, "maximum": 100},
+                                  "how many (default 10)")],
+            "responses": {**_ok("The devices, most failures in a row first.",
+                                _ref("FailingDevices")), **_ERRORS}}},
         "/api/fleet/registered": {"get": {
             "operationId": "getRegistered", "summary": "Devices registered (not removed) "
             "and how many of them are disabled", "security": _READ_SECURITY,

@@ -11,8 +11,10 @@ from aiohttp import web
 from poller.api.auth import Access, requires
 from poller.api.errors import bad_request, json_response
 from poller.api.keys import VIEW
-from poller.api.params import query_series
+from poller.api.params import check_query, query_int, query_series
+from poller.api.routes_devices import device_json
 from poller.api.view import FleetSnapshot
+from poller.registry import Registry
 from poller.rollups.query import fleet_series
 
 routes = web.RouteTableDef()
@@ -50,3 +52,21 @@ async def get_fleet_demand(request: web.Request) -> web.Response:
         series = await fleet_series(conn, start, to, step)
     return json_response({"from": series.start.isoformat(), "to": series.end.isoformat(),
                           "step_s": step, "level": series.level, "points": series.points})
+
+
+MOST_FAILING_MAX = 100
+
+
+@routes.get("/api/fleet/failing")
+@requires(Access.READ)
+async def get_most_failing(request: web.Request) -> web.Response:
+    """The devices failing longest (most failures in a row), most first, with
+    their status and last error: what the dashboard's Fleet page lists."""
+    check_query(request, frozenset({"limit"}))
+    limit = query_int(request, "limit", 10, 1, MOST_FAILING_MAX)
+    view = request.app[VIEW]
+    ids = view.most_failing(limit)
+    async with view.db.acquire() as conn:
+        records = {r.id: r for r in await Registry(conn, view.box).by_ids(ids)} if ids else {}
+    return json_response({"devices": [device_json(view, records[i]) for i in ids
+                                      if i in records]})

@@ -109,6 +109,11 @@ class MetricsView(Protocol):
         ...
 
 
+MOST_FAILING_SCAN = 50_000
+"""Devices of each failing state ranked by ``most_failing`` (about 20 ms of
+the loop at the bound)."""
+
+
 class ServiceView(MetricsView, Protocol):
     settings: Settings
     box: SecretBox
@@ -136,4 +141,11 @@ class ServiceView(MetricsView, Protocol):
     def device_ids_in_state(self, state: str, after_id: int, limit: int) -> list[int]:
         """Ids of the pool's devices in ``state`` (a DeviceState value) above
         ``after_id``, ascending, at most ``limit``: O(log n + limit)."""
+        ...
+
+    def most_failing(self, limit: int) -> list[int]:
+        """Ids of the pool's failing and auth_failed devices with the most
+        failures in a row, most first, at most ``limit``. Looks at no more
+        than ``MOST_FAILING_SCAN`` devices of each state (the lowest ids
+        beyond that are not ranked)."""
         ...

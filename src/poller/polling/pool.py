@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -328,6 +329,17 @@ class DevicePool:
         """The target of a device in the pool (polled, or refused by its driver)."""
         device_loop = self.loops.get(device_id)
         return device_loop.target if device_loop is not None else self.rejected.get(device_id)
+
+    def most_failing(self, limit: int, scan: int) -> list[int]:
+        """Ids of the failing and auth_failed devices with the most failures in
+        a row, most first (ties: lower id first), at most ``limit``; of each
+        state, the ``scan`` lowest ids are ranked (O(scan log limit))."""
+        ids = [*self.index.page(DeviceState.FAILING, 0, scan),
+               *self.index.page(DeviceState.AUTH_FAILED, 0, scan)]
+        targets = [t for t in map(self.target, ids) if t is not None]
+        worst = heapq.nsmallest(limit, targets,
+                                key=lambda t: (-t.consecutive_failures, t.record.id))
+        return [t.record.id for t in worst]
 
     def target_by_cloud_id(self, cloud_id: str) -> Target | None:
         device_id = self.index.device_id(cloud_id)

@@ -67,6 +67,11 @@ function renderSnapshot(box, f, reg) {
 }
 
 async function worstDevices() {
+  // Ranked by the server over the whole fleet; an older server: the worst of
+  // the first FAILING_SCAN devices of each failing state.
+  if (serves("/api/fleet/failing")) {
+    return (await api(`/api/fleet/failing?limit=${WORST}`)).devices;
+  }
   const pages = await Promise.all(["failing", "auth_failed"].map(
     (state) => api(`/api/devices?state=${state}&limit=${FAILING_SCAN}`)));
   const all = pages.flatMap((p) => p.devices);
