@@ -299,7 +299,13 @@ class DevicePool:
         self.state_counts[device_loop.target.state] -= 1
         self.index.remove(device_loop.target)
         waiter = device_loop.stop()
-        self._ctx.dirty.mark(device_loop.target)
+        if self._fence is None:
+            self._ctx.dirty.mark(device_loop.target)
+        # In a cluster (fenced) a stop is mostly a handoff: the member taking
+        # the device writes its state to Redis, and a "stopped" written after
+        # it by the member letting go would stay there, stale, until the new
+        # owner's next change. A disabled or removed device shows as such from
+        # its registration, whatever Redis holds.
         self._stopping.add(waiter)
         waiter.add_done_callback(self._stopping.discard)
 
