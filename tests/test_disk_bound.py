@@ -56,7 +56,7 @@ from poller.netpolicy import DEFAULT_DENIED_NETWORKS, LOOPBACK_NETWORKS, NetPoli
 from poller.polling.memsink import MemorySink
 from poller.polling.pool import DevicePool
 from poller.polling.sync import RegistryWatcher
-from poller.reading import Reading
+from poller.reading import PlainReading, Reading
 from poller.registry import Registry
 from poller.service import Service
 from poller.simulator.main import Simulator, SimulatorConfig
@@ -561,7 +561,7 @@ class _FlakySpool(Spool):
 
     fail = 0
 
-    async def append(self, batch: Sequence[Reading]) -> list[SpoolPosition]:
+    async def append(self, batch: Sequence[PlainReading]) -> list[SpoolPosition]:
         if self.fail:
             self.fail -= 1
             raise RuntimeError("a bug in the spool")

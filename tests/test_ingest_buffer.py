@@ -16,7 +16,7 @@ from poller.config import IngestSettings
 from poller.ingest.pgload import PgLoader
 from poller.ingest.pipeline import Ingest
 from poller.ingest.spool import Spool, SpoolError, SpoolPosition
-from poller.reading import Reading
+from poller.reading import PlainReading, Reading
 from tests.rows import make_rows
 
 
@@ -25,7 +25,7 @@ class _DiskSpool(Spool):
 
     full = False
 
-    async def append(self, batch: Sequence[Reading]) -> list[SpoolPosition]:
+    async def append(self, batch: Sequence[PlainReading]) -> list[SpoolPosition]:
         if self.full:
             raise SpoolError("spool: no space left on device")
         return await super().append(batch)

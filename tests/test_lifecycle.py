@@ -18,7 +18,7 @@ from poller import sealing
 from poller.migrate import migrate
 from poller.netpolicy import NetPolicy
 from poller.polling.engine import PollingEngine
-from poller.reading import Reading
+from poller.reading import PlainReading
 from poller.registry import Registry
 from poller.service import Service
 from poller.simulator.main import Simulator, SimulatorConfig
@@ -53,9 +53,9 @@ class _Sink:
     accepting = True
 
     def __init__(self) -> None:
-        self.readings: list[Reading] = []
+        self.readings: list[PlainReading] = []
 
-    def accept(self, reading: Reading) -> None:
+    def accept(self, reading: PlainReading) -> None:
         self.readings.append(reading)
 
 

@@ -18,7 +18,7 @@ from poller.ingest.pgload import LoaderUnavailable, PgLoader
 from poller.ingest.pipeline import Ingest
 from poller.ingest.spool import Spool, SpoolPosition
 from poller.migrate import migrate
-from poller.reading import Reading
+from poller.reading import PlainReading, Reading
 from tests.rows import FakeClock, make_rows
 
 # 2029-12-31T23:00Z: far from the partitions migrate makes, and the next hour
@@ -289,7 +289,7 @@ class _BuggyLoader(PgLoader):
 
     bug: BaseException | None = None
 
-    async def load(self, position: SpoolPosition, rows: Sequence[Reading]) -> int:
+    async def load(self, position: SpoolPosition, rows: Sequence[PlainReading]) -> int:
         bug, self.bug = self.bug, None
         if bug is not None:
             raise bug

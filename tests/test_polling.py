@@ -31,10 +31,11 @@ from poller.drivers.base import DeviceSpec
 from poller.http import HttpRequest, HttpResponse
 from poller.polling import context, schedule, stats
 from poller.polling.adapt import FetchAdapter
-from poller.polling.memsink import MemorySink
+from poller.polling.memsink import MemorySink, PlainSink
 from poller.polling.pool import DevicePool
 from poller.polling.stats import OUTCOMES
 from poller.polling.target import DeviceState
+from poller.reading import RECEIVED_AT, TICK_AT, Reading
 from poller.registry import DeviceRecord
 from poller.simulator.faults import Fault
 from poller.simulator.fleet import credentials_for
@@ -212,19 +213,31 @@ async def test_readings_carry_values_the_simulator_served(rig: Rig) -> None:
 
 
 async def test_latest_readings_leave_the_collectors_reach(rig: Rig) -> None:
-    # Every device's latest reading lives an interval: long enough to reach the
-    # oldest generation, where each full collection would walk all of them.
+    # Every device's latest reading lives an interval, and the sink's until a
+    # flush: long enough to reach the oldest generation, where each full
+    # collection would walk all of them. One exact tuple a poll serves both.
+    plain = PlainSink()
+    rig.pool.set_sink(plain)
     rig.pool.sync(rig.fleet(20, 0.5))
     await rig.run(1.6)
     latest = [lp.target.latest for lp in rig.pool.loops.values()]
     assert all(r is not None for r in latest)
-    assert {r[-1] for r in latest if r is not None} == {r.cloud_id for r in rig.sink.readings}
+    last_stored = {r[0]: r for r in plain.readings}
+    assert len(last_stored) == 20
+    assert all(r is last_stored[r[0]] for r in latest if r is not None)
+    assert all(type(r) is tuple and len(r) == len(Reading._fields) for r in plain.readings)
     with heap.watching_pauses() as watch:
         gc.collect()
         assert watch.collections[2] >= 1 and watch.full.count >= 1
         assert watch.seconds[2] > 0.0 and watch.full_cpu_s > 0.0
     assert heap.pauses() is None
     assert not any(gc.is_tracked(r) for r in latest)
+    assert not any(gc.is_tracked(r) for r in plain.readings)
+
+
+def test_reading_indexes_name_the_fields() -> None:
+    assert Reading._fields[TICK_AT] == "tick_at"
+    assert Reading._fields[RECEIVED_AT] == "received_at"
 
 
 class RecordingTransport:

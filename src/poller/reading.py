@@ -1,13 +1,16 @@
 """The reading record: what one completed poll of one device produces.
 
-A reading is a plain tuple so the hot path allocates one object per poll and
-the Postgres loader hands it to ``COPY`` with a single conversion pass.
-Timestamps are Unix seconds (floats) until the loader converts them.
+A reading is a tuple in :class:`Reading`'s field order. The loops make an
+exact tuple (:data:`PlainReading`), one object per poll, which goes to the
+sink and stays as the device's latest; the Postgres loader hands it to
+``COPY`` with a single conversion pass. :class:`Reading` names the fields for
+code off the hot path (segments read back, tests). Timestamps are Unix
+seconds (floats) until the loader converts them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 
 class Reading(NamedTuple):
@@ -35,8 +38,17 @@ class Reading(NamedTuple):
 
 PlainReading = tuple[int, float, float | None, float, float | None, float | None,
                      float | None, float | None, str]
-"""A :class:`Reading`'s fields in a plain tuple, for readings held long
-(a device's latest): the cyclic collector untracks those, never a subclass."""
+"""A :class:`Reading`'s fields in an exact tuple, as the loops make them. A
+reading outlives its poll (in the ingest buffer until flushed, as the
+device's latest for an interval): the cyclic collector untracks an exact
+tuple of numbers and strings at its first pass, never a subclass, so readings
+held this way are not walked by every full collection. A :class:`Reading` is
+a :data:`PlainReading` too."""
+
+TICK_AT: Final = 1
+"""Index of ``tick_at`` in a reading."""
+RECEIVED_AT: Final = 3
+"""Index of ``received_at`` in a reading."""
 
 
 # Column order of the ``readings`` table as the loader copies it.

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from poller.reading import Reading
+from poller.reading import PlainReading, Reading
 
 SUFFIX = ".ndjson.gz"
 OPEN_SUFFIX = ".open"
@@ -110,7 +110,7 @@ def parse_hour(text: str, fmt: str, whole: str) -> int:
     return calendar.timegm(parsed)
 
 
-def encode_readings(rows: Sequence[Reading]) -> bytes:
+def encode_readings(rows: Sequence[PlainReading]) -> bytes:
     """NDJSON, one object per reading with the Reading field names."""
     if not rows:
         return b""

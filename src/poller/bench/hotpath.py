@@ -35,7 +35,7 @@ from poller.ingest.livestate import reading_docs
 from poller.ingest.pgcopy import encode_rows
 from poller.polling.context import LoopContext
 from poller.polling.loop import DeviceLoop
-from poller.polling.memsink import MemorySink
+from poller.polling.memsink import PlainSink
 from poller.polling.target import Target
 from poller.reading import Reading
 from poller.registry import DeviceRecord
@@ -111,7 +111,7 @@ def loop_case(devices: int = 2_000) -> Case:
     clock = FakeClock(wall=_WALL, monotonic=1000.0)
     settings = PollingSettings(interval_s=_INTERVAL_S, timeout_s=4.0, totals_every=100_000,
                                wheel_resolution_s=_STEP_S)
-    sink = MemorySink()
+    sink = PlainSink()
     ctx = LoopContext(settings, sink, clock.monotonic, _no_state_change)
     ctx.wheel = TimingWheel(clock, _STEP_S)
     ctx.wall_offset = clock.wall() - clock.monotonic()

@@ -47,7 +47,7 @@ from poller.ingest import quarantine
 from poller.ingest.pgcopy import ENCODE_ERRORS, as_source, encode_rows
 from poller.ingest.quarantine import SortedLines, sort_lines
 from poller.ingest.spool import Spool, SpoolPosition
-from poller.reading import READING_COLUMNS, Reading
+from poller.reading import READING_COLUMNS, PlainReading
 from poller.segment import decode_records
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def days_of(rows: Sequence[Reading]) -> set[int]:
+def days_of(rows: Sequence[PlainReading]) -> set[int]:
     return {int(r[1] // DAY_S) for r in rows}
 
 
@@ -267,7 +267,7 @@ class PgLoader:
 
     # -- public API --------------------------------------------------------
 
-    async def load(self, position: SpoolPosition, rows: Sequence[Reading]) -> int:
+    async def load(self, position: SpoolPosition, rows: Sequence[PlainReading]) -> int:
         """Load one appended member; return the rows inserted (0: already loaded).
 
         If the segment's checkpoint lies before ``position.start_offset``

@@ -51,7 +51,7 @@ from poller.ingest.livestate import LiveState
 from poller.ingest.pgload import LoaderError, LoaderUnavailable, PgLoader
 from poller.ingest.spool import Pressure, Spool, SpoolError, SpoolFull, SpoolPosition
 from poller.polling.stats import LogHistogram
-from poller.reading import Reading
+from poller.reading import RECEIVED_AT, TICK_AT, PlainReading
 from poller.tasks import Supervisor
 
 log = logging.getLogger("poller.ingest")
@@ -64,7 +64,7 @@ _EARLY_CLOSE_SHARE = 4
 ceiling (a sixteenth once the spool refused a batch): small enough to leave
 room while S3 takes it, large enough that an S3 outage does not make many
 small objects."""
-_RECEIVED_AT = operator.itemgetter(Reading._fields.index("received_at"))
+_RECEIVED_AT = operator.itemgetter(RECEIVED_AT)
 
 
 def _hour(tick_at: float) -> int:
@@ -82,7 +82,7 @@ class Ingest:
         self.uploader = uploader
         self.live = live
         self._clock = clock if clock is not None else LoopClock()
-        self._buffer: list[Reading] = []
+        self._buffer: list[PlainReading] = []
         self._batch_rows = settings.batch_rows
         self._max_rows = settings.buffer_max_rows
         self._bound_spool(settings)
@@ -92,7 +92,7 @@ class Ingest:
         self._kicked = False
         self._wake = asyncio.Event()
         self._loader_wake = asyncio.Event()
-        self._pending: collections.deque[tuple[SpoolPosition, list[Reading]]] = \
+        self._pending: collections.deque[tuple[SpoolPosition, list[PlainReading]]] = \
             collections.deque()
         self._pending_rows = 0
         self._behind = True  # catch up from the spool before anything else
@@ -142,7 +142,7 @@ class Ingest:
 
     # -- the hot path -----------------------------------------------------------
 
-    def accept(self, reading: Reading) -> None:
+    def accept(self, reading: PlainReading) -> None:
         buffer = self._buffer
         buffer.append(reading)
         rows = len(buffer)
@@ -175,11 +175,11 @@ class Ingest:
         """Age of the oldest reading received but not yet committed."""
         oldest: float | None = None
         if self._pending:
-            oldest = self._pending[0][1][0].received_at if self._pending[0][1] else None
+            oldest = self._pending[0][1][0][RECEIVED_AT] if self._pending[0][1] else None
         if self._behind_since is not None:
             oldest = min(oldest or self._behind_since, self._behind_since)
         if oldest is None and self._buffer:
-            oldest = self._buffer[0].received_at
+            oldest = self._buffer[0][RECEIVED_AT]
         return max(0.0, self._clock.wall() - oldest) if oldest is not None else 0.0
 
     # -- lifecycle --------------------------------------------------------------
@@ -310,7 +310,7 @@ class Ingest:
             # the buffer so nothing is written twice or lost.
             written = {p.hour for p in exc.written}
             self._queue(exc.written, batch, whole=False)
-            self._buffer = [r for r in batch if _hour(r.tick_at) not in written] + self._buffer
+            self._buffer = [r for r in batch if _hour(r[TICK_AT]) not in written] + self._buffer
             self._refused(exc)
             return False
         except Exception:
@@ -371,7 +371,7 @@ class Ingest:
         if closed or was is Pressure.NONE or at_ceiling:
             self.uploader.kick()
 
-    def _queue(self, positions: Sequence[SpoolPosition], batch: list[Reading], *,
+    def _queue(self, positions: Sequence[SpoolPosition], batch: list[PlainReading], *,
                whole: bool = True) -> None:
         """``whole``: ``positions`` hold the whole batch (else only the hours
         they name were written)."""
@@ -382,7 +382,7 @@ class Ingest:
         else:
             groups = collections.defaultdict(list)
             for r in batch:
-                groups[_hour(r.tick_at)].append(r)
+                groups[_hour(r[TICK_AT])].append(r)
         for pos in positions:
             rows = groups.get(pos.hour, [])
             self._pending.append((pos, rows))
@@ -392,7 +392,7 @@ class Ingest:
         while self._pending_rows > self._max_rows and self._pending:
             _, dropped = self._pending.popleft()
             self._pending_rows -= len(dropped)
-            self._fall_behind(dropped[0].received_at if dropped else None)
+            self._fall_behind(dropped[0][RECEIVED_AT] if dropped else None)
         self._loader_wake.set()
 
     def _fall_behind(self, since: float | None = None) -> None:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 from poller.errors import PollerError
-from poller.reading import Reading
+from poller.reading import PlainReading, Reading
 from poller.segment import (
     OPEN_SUFFIX,
     decode_readings,
@@ -293,7 +293,7 @@ class Spool:
 
     # -- writing -----------------------------------------------------------
 
-    async def append(self, batch: Sequence[Reading]) -> list[SpoolPosition]:
+    async def append(self, batch: Sequence[PlainReading]) -> list[SpoolPosition]:
         """Append ``batch`` durably: one gzip member per UTC hour it touches.
 
         Returns one position per member, in hour order. Raises SpoolError when
@@ -558,8 +558,8 @@ class Spool:
             self._open[hour] = seg
         return seg
 
-    def _append_sync(self, batch: Sequence[Reading]) -> list[SpoolPosition]:
-        by_hour: dict[int, list[Reading]] = {}
+    def _append_sync(self, batch: Sequence[PlainReading]) -> list[SpoolPosition]:
+        by_hour: dict[int, list[PlainReading]] = {}
         for reading in batch:
             hour = int(reading[1] // HOUR_S) * HOUR_S
             rows = by_hour.get(hour)

@@ -19,7 +19,7 @@ from poller.config import PollingSettings
 from poller.drivers.bounds import SampleBounds
 from poller.polling.stats import FleetStats
 from poller.polling.target import DeviceState, Target
-from poller.reading import Reading
+from poller.reading import PlainReading
 from poller.wheel import TimingWheel
 
 StateChange = Callable[[Target, DeviceState, str, str | None], None]
@@ -36,7 +36,7 @@ def _ignore_failure(device_id: int, tick_at: float, outcome: int, failed_at: flo
 class ReadingSink(Protocol):
     """Where finished readings go. ``accept`` is on the hot path: no I/O."""
 
-    def accept(self, reading: Reading) -> None: ...
+    def accept(self, reading: PlainReading) -> None: ...
 
     @property
     def accepting(self) -> bool:
