@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from poller.archive.s3 import ArchiveStore
-from poller.migrate import migrate
+from tests.apiview import migrated_pool
 from tests.stackfix import RunningStack, fresh_database_url
 from tests.test_archive import make_store
 
@@ -26,13 +26,7 @@ async def store(stack: RunningStack) -> AsyncIterator[ArchiveStore]:
 
 @pytest.fixture
 async def pool(stack: RunningStack) -> AsyncIterator[asyncpg.Pool]:
-    """A freshly migrated database of the test's own, three connections."""
-    url = fresh_database_url(stack.info)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=3)
+    """A freshly migrated database of the test's own."""
+    pool = await migrated_pool(fresh_database_url(stack.info))
     yield pool
     await pool.close()

@@ -63,6 +63,7 @@ from poller.simulator.main import Simulator, SimulatorConfig
 from poller.stack import EmbeddedStack, StackInfo, create_database
 from poller.tasks import Supervisor
 from poller.transport import FastHttpClient
+from tests.apiview import migrated_pool
 from tests.rows import make_rows
 from tests.servicefix import (
     archived,
@@ -355,13 +356,8 @@ async def store(own: OwnStack) -> AsyncIterator[ArchiveStore]:
 @pytest.fixture
 async def pool(own: OwnStack) -> AsyncIterator[asyncpg.Pool]:
     own.up()
-    url = create_database(own.info.database_url, f"t_{uuid.uuid4().hex[:16]}")
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=3)
+    pool = await migrated_pool(create_database(own.info.database_url,
+                                               f"t_{uuid.uuid4().hex[:16]}"))
     yield pool
     await pool.close()
 
