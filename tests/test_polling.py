@@ -384,11 +384,11 @@ async def test_fault_gives_outcome_state_and_spares_the_rest(
     assert rig.pool.stats.outcome_counts()[outcome] >= 3
     _assert_state_counts(rig)
     # The dashboard's "most failing": these three, most failures in a row first.
-    worst = rig.pool.most_failing(10, 1000)
+    worst = rig.pool.most_failing(10)
     ranked = sorted((targets[c] for c in bad),
                     key=lambda t: (-t.consecutive_failures, t.record.id))
     assert worst == [t.record.id for t in ranked]
-    assert rig.pool.most_failing(2, 1000) == worst[:2]
+    assert rig.pool.most_failing(2) == worst[:2]
 
 
 def _assert_state_counts(rig: Rig) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from poller.api.view import MOST_FAILING_SCAN, FleetSnapshot
+from poller.api.view import FleetSnapshot
 from poller.archive.fetch import EvictedSegments
 from poller.archive.uploader import Uploader
 from poller.clock import Clock, LoopClock
@@ -102,7 +102,7 @@ class FleetView:
         return self._engine.pool.index.page(DeviceState(state), after_id, limit)
 
     def most_failing(self, limit: int) -> list[int]:
-        return self._engine.pool.most_failing(limit, MOST_FAILING_SCAN)
+        return self._engine.pool.most_failing(limit)
 
     def loop_responsive(self) -> bool:
         return self._clock.monotonic() - self._heartbeat_at < 5 * HEARTBEAT_S

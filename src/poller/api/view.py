@@ -109,11 +109,6 @@ class MetricsView(Protocol):
         ...
 
 
-MOST_FAILING_SCAN = 50_000
-"""Devices of each failing state ranked by ``most_failing`` (about 20 ms of
-the loop at the bound)."""
-
-
 class ServiceView(MetricsView, Protocol):
     settings: Settings
     box: SecretBox
@@ -145,7 +140,7 @@ class ServiceView(MetricsView, Protocol):
 
     def most_failing(self, limit: int) -> list[int]:
         """Ids of the pool's failing and auth_failed devices with the most
-        failures in a row, most first, at most ``limit``. Looks at no more
-        than ``MOST_FAILING_SCAN`` devices of each state (the lowest ids
-        beyond that are not ranked)."""
+        failures in a row, most first (ties: lower id first), at most
+        ``limit``; every such device is ranked. O(limit): the pool keeps
+        the ranking as devices fail, never sorts per request."""
         ...

@@ -23,7 +23,8 @@ from poller.reading import PlainReading
 from poller.wheel import TimingWheel
 
 StateChange = Callable[[Target, DeviceState, str, str | None], None]
-"""``(target, previous state, outcome, message)``, once ``target.state`` changed."""
+"""``(target, previous state, outcome, message)``, once ``target.state`` changed,
+or its outcome or its failures in a row did (the pool re-ranks failing devices)."""
 FailureRecorder = Callable[[int, float, int, float], None]
 """``(device_id, tick_at, outcome index, failed_at)`` of a poll that ended
 without a reading: a sink's ``record_failure``, when it keeps failures."""

@@ -391,6 +391,9 @@ class DeviceLoop:
             self._transition(state, outcome, message)
         else:
             target.last_error = message
+            # Same state, one more failure in a row: the pool re-ranks it
+            # (GET /api/fleet/failing); a poll that keeps a reading pays nothing.
+            ctx.on_state_change(target, state, outcome, message)
         ctx.dirty.mark(target)
         self._end_poll(now, delay)
 

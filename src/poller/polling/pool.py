@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import heapq
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -131,16 +130,18 @@ class DevicePool:
     def _state_changed(self, target: Target, previous: DeviceState, outcome: str,
                        message: str | None) -> None:
         """A loop's device went from ``previous`` to ``target.state`` (or
-        only its outcome changed): recount, refile, and say so."""
+        only its outcome or its failures in a row changed): refile, recount,
+        and say so."""
         state = target.state
+        self.index.moved(target, previous)
+        if previous is state:
+            return  # only its outcome or its failures in a row: re-ranked, no news
         counts = self.state_counts
         counts[previous] -= 1
         counts[state] += 1
-        self.index.moved(target.record.id, previous, state)
         # One line per state change, never one per poll; a first success is
         # the normal start, not news.
-        if previous is not state and not (previous is DeviceState.PENDING
-                                          and state is DeviceState.OK):
+        if not (previous is DeviceState.PENDING and state is DeviceState.OK):
             self.log_transition(target.cloud_id, previous.value, state.value, outcome, message)
 
     def set_sink(self, sink: ReadingSink) -> None:
@@ -336,16 +337,11 @@ class DevicePool:
         device_loop = self.loops.get(device_id)
         return device_loop.target if device_loop is not None else self.rejected.get(device_id)
 
-    def most_failing(self, limit: int, scan: int) -> list[int]:
+    def most_failing(self, limit: int) -> list[int]:
         """Ids of the failing and auth_failed devices with the most failures in
-        a row, most first (ties: lower id first), at most ``limit``; of each
-        state, the ``scan`` lowest ids are ranked (O(scan log limit))."""
-        ids = [*self.index.page(DeviceState.FAILING, 0, scan),
-               *self.index.page(DeviceState.AUTH_FAILED, 0, scan)]
-        targets = [t for t in map(self.target, ids) if t is not None]
-        worst = heapq.nsmallest(limit, targets,
-                                key=lambda t: (-t.consecutive_failures, t.record.id))
-        return [t.record.id for t in worst]
+        a row, most first (ties: lower id first), at most ``limit``: read off
+        the index's ranking, O(limit) at any fleet size."""
+        return self.index.most_failing(limit)
 
     def target_by_cloud_id(self, cloud_id: str) -> Target | None:
         device_id = self.index.device_id(cloud_id)
