@@ -741,14 +741,16 @@ async def test_waiters_are_bounded_and_time_out(
         assert client.stats().waiters == 1
         with pytest.raises(TransportPoolFull):
             await client.fetch(get(server.url("/ok")), 1.0)
-        clock.advance(0.19)
+        # A waiter waits for a connection half the time it had left (the
+        # default queue_share), and then gives up before sending anything.
+        clock.advance(0.09)
         await settle()
         assert not waiting.done() and not hung.done()
         clock.advance(0.06)
         with pytest.raises(TransportQueueTimeout, match="waiting for a connection"):
             await waiting
         assert client.stats().waiters == 0
-        clock.advance(0.8)
+        clock.advance(0.9)
         with pytest.raises(TransportTimeout) as sent:
             await hung
         assert not isinstance(sent.value, TransportQueueTimeout)  # it reached the server
@@ -760,9 +762,11 @@ async def test_waiters_are_bounded_and_time_out(
 async def test_waiter_left_too_little_time_is_our_timeout_not_the_servers(
     raw_servers: Callable[[Handler], Awaitable[RawServer]],
 ) -> None:
-    # A slow answer holds the only connection for 0.25 s; the waiter then has
-    # 0.1 s left, less than one deadline slot (0.2 s), so it must fail as our
-    # queue's timeout rather than be sent and blamed on the server.
+    # A slow answer holds the only connection for 0.16 s; the waiter then has
+    # 0.19 s left, less than one deadline slot (0.2 s), so it must fail as our
+    # queue's timeout rather than be sent and blamed on the server. (It would
+    # have given up waiting at 0.175 s, half its time, when the wheel's slot
+    # at 0.2 s came.)
     got_slow, answer_slow = asyncio.Event(), asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -780,7 +784,7 @@ async def test_waiter_left_too_little_time_is_our_timeout_not_the_servers(
         await asyncio.wait_for(got_slow.wait(), 5.0)
         waiting = asyncio.ensure_future(client.fetch(get(server.url("/ok")), 0.35))
         await settle()
-        clock.advance(0.25)
+        clock.advance(0.16)
         answer_slow.set()
         assert (await slow).body == b"ok"
         with pytest.raises(TransportQueueTimeout, match="deadline too close"):
@@ -999,3 +1003,121 @@ async def test_abandoned_and_refused_connects_leave_no_reference_cycles() -> Non
             for filler in fillers:
                 filler.close()
             await client.close()
+
+
+# -- overload: kept connections, the connect cap -------------------------------
+
+
+async def test_a_connection_that_missed_its_deadline_reads_the_late_answer_and_is_reused(
+    raw_servers: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (target := await read_request(reader)) is not None:
+            if target == "/slow":
+                await release.wait()
+                writer.write(ok_response(b"late"))
+            else:
+                writer.write(ok_response())
+
+    server = await raw_servers(handler)
+    clock = FakeClock()
+    client = FastHttpClient(max_connections_per_host=1, keep_after_timeout_s=1.0, clock=clock)
+    try:
+        slow = asyncio.ensure_future(client.fetch(get(server.url("/slow")), 0.2))
+        await settle()
+        clock.advance(0.3)
+        with pytest.raises(TransportTimeout) as missed:
+            await slow
+        assert not isinstance(missed.value, TransportQueueTimeout)
+        stats = client.stats()
+        assert (stats.timeouts_kept, stats.open_connections, stats.in_flight) == (1, 1, 0)
+        # The next request waits for the kept connection rather than open one
+        # (one a host here); the late answer is read and dropped first.
+        following = asyncio.ensure_future(client.fetch(get(server.url("/ok")), 1.0))
+        await settle()
+        assert not following.done()
+        release.set()
+        assert (await following).body == b"ok"
+        stats = client.stats()
+        assert (stats.connections_opened, stats.requests_done) == (1, 2)
+        assert server.connections == 1
+    finally:
+        await client.close()
+
+
+async def test_a_kept_connection_whose_answer_never_comes_is_closed(
+    raw_servers: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (target := await read_request(reader)) is not None:
+            if target == "/hang":
+                await reader.read()
+                return
+            writer.write(ok_response())
+
+    server = await raw_servers(handler)
+    clock = FakeClock()
+    client = FastHttpClient(keep_after_timeout_s=0.5, clock=clock)
+    try:
+        hung = asyncio.ensure_future(client.fetch(get(server.url("/hang")), 0.2))
+        await settle()
+        clock.advance(0.3)
+        with pytest.raises(TransportTimeout):
+            await hung
+        assert client.stats().open_connections == 1
+        clock.advance(0.4)
+        await settle()
+        assert client.stats().open_connections == 1  # still within the grace
+        clock.advance(0.2)
+        await settle()
+        assert client.stats().open_connections == 0
+        assert (await client.fetch(get(server.url("/ok")), 1.0)).body == b"ok"
+        assert client.stats().connections_opened == 2
+        assert client.stats().requests_done == 2  # the timeout counted once
+    finally:
+        await client.close()
+
+
+async def test_new_connections_are_capped_per_second(
+    raw_servers: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            await release.wait()  # every request holds its connection
+            writer.write(ok_response())
+
+    server = await raw_servers(handler)
+    clock = FakeClock()
+    # Two connects a second, a second's worth at once: two now, then one
+    # every half second; the waiters' time is long enough not to give up.
+    client = FastHttpClient(max_connections_per_host=10, max_connects_per_s=2.0, clock=clock)
+    try:
+        calls = [asyncio.ensure_future(client.fetch(get(server.url(f"/{i}")), 10.0))
+                 for i in range(4)]
+        await settle()
+        await asyncio.sleep(0.05)  # real time: the server accepts
+        await settle()
+        assert (server.connections, client.stats().waiters) == (2, 2)
+        assert client.stats().connects_deferred >= 1
+        clock.advance(0.3)
+        await settle()
+        assert server.connections == 2
+        clock.advance(0.25)
+        await settle()
+        await asyncio.sleep(0.05)
+        await settle()
+        assert (server.connections, client.stats().waiters) == (3, 1)
+        clock.advance(0.5)
+        await settle()
+        await asyncio.sleep(0.05)
+        await settle()
+        assert (server.connections, client.stats().waiters) == (4, 0)
+        release.set()
+        assert [r.body for r in await asyncio.gather(*calls)] == [b"ok"] * 4
+        assert client.stats().connections_opened == 4
+    finally:
+        await client.close()

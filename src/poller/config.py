@@ -110,6 +110,18 @@ class PollingSettings:
     max_in_flight: int = _opt(20000, "global cap on polls in flight", min=1, max=1_000_000)
     connections_per_host: int = _opt(512, "keep-alive connections per device host",
                                      min=1, max=100_000)
+    # Overload (more devices than the CPU can poll): shed before sending,
+    # keep connections, cap connects; README "Overload".
+    shed_after_s: float = _opt(1.0, "a tick not started this late is skipped (counted in "
+                               "poller_shed_ticks_total), never sent late; a device skipped "
+                               "k times in a row waits up to k+1 times this; at most half "
+                               "the poll timeout", min=0.01, max=3600)
+    keep_after_timeout_s: float = _opt(2.0, "a connection whose answer missed the poll's "
+                                       "deadline stays open this long to read it and be "
+                                       "reused; 0: closed at once", min=0, max=600)
+    max_connects_per_s: float = _opt(2000.0, "new device connections a second, all hosts "
+                                     "together (the fast transport); 0: no cap", min=0,
+                                     max=1_000_000)
     auth_failed_interval_s: float = _opt(300.0, "poll interval of a device whose "
                                          "credentials were rejected", min=1, max=86400)
     backoff_max_s: float = _opt(300.0, "cap of the back-off after network failures",

@@ -120,6 +120,7 @@ class FleetView:
             usage = SpoolUsage(ingest.spool.pending_bytes, 0, 1.0)
         spool_bytes, disk_used = usage.spool_bytes, usage.disk_used_fraction
         evicted = self._evicted
+        http = self._engine.fast.stats()
         return FleetSnapshot(
             instance_id=self.settings.instance_id,
             started_at=self.started_at,
@@ -166,6 +167,11 @@ class FleetView:
             segments_awaiting_archive_load=evicted.count() if evicted is not None else 0,
             rows_loaded_from_archive=evicted.rows_loaded if evicted is not None else 0,
             segments_unarchived=up.segments_unarchived if up else 0,
+            shed_ticks=stats.shed_ticks,
+            connections_open=http.open_connections,
+            connections_opened=http.connections_opened,
+            connects_deferred=http.connects_deferred,
+            timeouts_kept=http.timeouts_kept,
         )
 
     def _rates(self, totals: dict[str, int]) -> dict[str, float]:

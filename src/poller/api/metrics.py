@@ -71,6 +71,22 @@ class ServiceCollector:
         yield CounterMetricFamily("poller_skipped_ticks",
                                   "Ticks skipped because the previous poll overran.",
                                   value=snap.skipped_ticks)
+        yield CounterMetricFamily("poller_shed_ticks",
+                                  "Ticks not polled because they came due too late "
+                                  "(overload; polling.shed_after_s).",
+                                  value=snap.shed_ticks)
+        yield _gauge("poller_http_connections_open",
+                     "Open device connections (eagle drivers' transport).",
+                     snap.connections_open)
+        yield CounterMetricFamily("poller_http_connections_opened",
+                                  "Device connections opened.", value=snap.connections_opened)
+        yield CounterMetricFamily("poller_http_connects_deferred",
+                                  "Connects put off by polling.max_connects_per_s.",
+                                  value=snap.connects_deferred)
+        yield CounterMetricFamily("poller_http_timeouts_kept",
+                                  "Connections kept open after a missed deadline to read "
+                                  "the late answer (polling.keep_after_timeout_s).",
+                                  value=snap.timeouts_kept)
         yield CounterMetricFamily("poller_backpressure_skips",
                                   "Ticks skipped because the ingest buffer was full.",
                                   value=snap.backpressure_skips)

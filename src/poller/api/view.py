@@ -84,6 +84,16 @@ class FleetSnapshot:
     """Readings loaded from S3 (evicted segments), since start."""
     segments_unarchived: int = 0
     """Segments deleted at the ceiling with S3 failing: in Postgres, not archived."""
+    shed_ticks: int = 0
+    """Ticks not polled because they came due too late (overload), since start."""
+    connections_open: int = 0
+    """Open device connections of the fast transport (eagle drivers)."""
+    connections_opened: int = 0
+    """Device connections opened since start."""
+    connects_deferred: int = 0
+    """Connects put off by ``polling.max_connects_per_s``, since start."""
+    timeouts_kept: int = 0
+    """Connections kept open after a missed deadline to read the late answer."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

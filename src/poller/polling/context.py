@@ -115,7 +115,8 @@ class LoopContext:
     __slots__ = (
         "accept", "auth_failed_interval_s", "backoff_max_s", "bounds", "dirty", "failed",
         "limiter",
-        "monotonic", "on_state_change", "sink", "stats", "timeout_s", "totals_every",
+        "monotonic", "on_state_change", "shed_after_s", "sink", "stats", "timeout_s",
+        "totals_every",
         "wall_offset", "wheel",
     )
 
@@ -144,6 +145,7 @@ class LoopContext:
         self.backoff_max_s = settings.backoff_max_s
         self.auth_failed_interval_s = settings.auth_failed_interval_s
         self.timeout_s = settings.timeout_s
+        self.shed_after_s = settings.shed_after_s
         self.bounds = SampleBounds.from_settings(settings)
         self.limiter.max_in_flight = settings.max_in_flight
         self.limiter.admit()

@@ -47,7 +47,9 @@ class PollingEngine:
         self.fast = FastHttpClient(max_connections_per_host=per_host,
                                    max_connections=max(per_host, settings.max_in_flight),
                                    max_waiters=settings.max_in_flight, clock=clock,
-                                   net_policy=policy)
+                                   net_policy=policy,
+                                   keep_after_timeout_s=settings.keep_after_timeout_s,
+                                   max_connects_per_s=settings.max_connects_per_s)
         self.general = AiohttpClient(max_connections_per_host=per_host,
                                      max_connections=max(per_host, settings.max_in_flight),
                                      net_policy=policy)

@@ -81,8 +81,8 @@ class CallbackTransport(Protocol):
 class DeviceLoop:
     __slots__ = (
         "_counts", "_ctx", "_in_flight", "_index", "_interval", "_own", "_phase", "_polls",
-        "_prep_request", "_prepared", "_repeater", "_session", "_stopping", "_timeout",
-        "_timeout_for", "_transport", "target",
+        "_prep_request", "_prepared", "_repeater", "_session", "_shed_run", "_stopping",
+        "_timeout", "_timeout_for", "_transport", "target",
     )
 
     def __init__(self, ctx: LoopContext, target: Target, session: DeviceSession,
@@ -111,6 +111,8 @@ class DeviceLoop:
         self._timeout_for = -1.0
         """The timeout setting ``_timeout`` was computed for."""
         self._timeout = 0.0
+        self._shed_run = 0
+        """Ticks of this device shed in a row (see ``_begin``)."""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -215,8 +217,21 @@ class DeviceLoop:
             self._timeout_for = ctx.timeout_s
             self._timeout = ctx.timeout_for(self._interval)
         due = self._due()
+        late = ctx.monotonic() - due
+        # Overload: a tick that comes due this late is not polled at all,
+        # rather than sent to miss its deadline. The bar rises with each tick
+        # of this device shed in a row, so sheds spread over the fleet
+        # instead of starving the devices whose phase meets the busy moments;
+        # it never passes half the timeout, so a poll sent has time left.
+        bar = ctx.shed_after_s * (self._shed_run + 1)
+        if bar > self._timeout * 0.5:
+            bar = self._timeout * 0.5
+        if late > bar:
+            self._shed(late + due + ctx.wall_offset)
+            return
+        self._shed_run = 0
         stats = ctx.stats
-        stats.lateness.record(ctx.monotonic() - due)
+        stats.lateness.record(late)
         stats.polls_started += 1
         ctx.limiter.in_flight += 1
         self._in_flight = True
@@ -235,6 +250,21 @@ class DeviceLoop:
             self._finish_failure(_I_UNPARSEABLE, f"driver error: {type(exc).__name__}")
             return
         self._send(request, due + self._timeout, True)
+
+    def _shed(self, now_wall: float) -> None:
+        """Skip the due tick (counted) and schedule the next one to come."""
+        self._shed_run += 1
+        stats, target = self._ctx.stats, self.target
+        stats.shed_ticks += 1
+        target.skipped_ticks += 1
+        following = self._index + 1
+        index = schedule.next_tick_index(now_wall, self._interval, self._phase)
+        if index > following:  # whole ticks went by meanwhile
+            stats.skipped_ticks += index - following
+            target.skipped_ticks += index - following
+        else:
+            index = following
+        self._schedule(index)
 
     def _send(self, request: HttpRequest, deadline: float, first: bool = False) -> None:
         if request is self._prep_request:

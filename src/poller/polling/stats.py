@@ -152,13 +152,18 @@ class FleetStats:
     """Totals across all devices; per-device counts live on each Target."""
 
     __slots__ = ("backpressure_skips", "by_driver", "clock_steps", "lateness", "polls_started",
-                 "skipped_ticks", "tick_conflicts")
+                 "shed_ticks", "skipped_ticks", "tick_conflicts")
 
     def __init__(self) -> None:
         self.by_driver: dict[str, list[int]] = {}
         self.lateness = LogHistogram()
         self.polls_started = 0
         self.skipped_ticks = 0
+        """Ticks passed over: the previous poll overran them, or nothing was
+        sent for want of a connection in time (see also ``shed_ticks``)."""
+        self.shed_ticks = 0
+        """Ticks not polled because they came due too late (overload: the
+        poller could not start them within ``polling.shed_after_s``)."""
         self.backpressure_skips = 0
         self.clock_steps = 0
         """Wall-clock steps the pool re-anchored the schedule after."""

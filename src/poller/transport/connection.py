@@ -9,6 +9,15 @@ connection keeps its exchange's ``deadline`` and the owner sweeps its open
 connections a few times a second for those past it. Its owner (the client's
 pool) decides what happens to the connection after the exchange; the
 connection only reports.
+
+A missed deadline fails the exchange at once but need not cost the
+connection: :meth:`HttpConnection.expire` may keep it open for a grace
+period to read the late answer, which is then dropped, and the connection
+goes back to its pool as after any complete answer (HTTP/1.1 allows it: the
+stream is in step once the answer is read whole). Under overload most
+deadlines are missed by the poller's own delay, with the answer already on
+its way; closing each such connection turned every missed deadline into a
+reconnect, which costs more than the poll (a reconnect storm).
 """
 
 from __future__ import annotations
@@ -84,6 +93,10 @@ _DETACHED = HttpResponseParser(object())
 """The parser of a lost connection: it refers to no protocol."""
 
 
+def _late(result: HttpResponse | BaseException) -> None:
+    """Where the late answer of an exchange that timed out goes: nowhere."""
+
+
 class ConnectionOwner(Protocol):
     """What a connection calls back into: the client that pools it."""
 
@@ -145,7 +158,8 @@ class HttpConnection(asyncio.Protocol):
         self._prepared: PreparedRequest | None = None
         self._sent_headers = b""
         self.deadline = math.inf
-        """Monotonic instant (the owner's clock) by which the exchange must end;
+        """Monotonic instant (the owner's clock) by which the exchange must end
+        (or, once it timed out, by which its late answer must have been read);
         inf when idle."""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
@@ -191,11 +205,18 @@ class HttpConnection(asyncio.Protocol):
             return
         self._end_exchange()
         self._owner.discard(self)
-        self._owner.deliver(on_done, exc)
+        if on_done is not _late:  # a late answer's exchange ended already
+            self._owner.deliver(on_done, exc)
 
     @property
     def busy(self) -> bool:
         return self._on_done is not None
+
+    @property
+    def draining(self) -> bool:
+        """The exchange timed out and the connection waits to read its late
+        answer (see :meth:`expire`)."""
+        return self._on_done is _late
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -260,7 +281,10 @@ class HttpConnection(asyncio.Protocol):
 
     def _lost(self, exc: Exception | None) -> None:
         on_done = self._on_done
-        if on_done is None:
+        if on_done is None or on_done is _late:
+            # Idle, or the exchange was failed already (a timeout) and its
+            # late answer is not worth a retry.
+            self._end_exchange()
             self._owner.discard(self)
             return
         if self._headers_done and exc is None and not self._framed():
@@ -341,10 +365,24 @@ class HttpConnection(asyncio.Protocol):
         # Hand the connection back before the callback runs, so a callback
         # that starts the next request can reuse it at once.
         self._owner.release(self, reusable)
-        self._owner.deliver(on_done, response)
+        if on_done is not _late:  # a late answer: its exchange ended already
+            self._owner.deliver(on_done, response)
 
-    def expire(self) -> None:
-        """The exchange's deadline has passed (the owner's sweep says so)."""
+    def expire(self, keep_until: float | None = None) -> bool:
+        """The exchange's deadline has passed (the owner's sweep says so): fail
+        it with :class:`TransportTimeout`. With ``keep_until`` (an instant on
+        the owner's clock) the connection stays open until then to read the
+        late answer and be reused; without it, or if this is the late answer's
+        deadline passing, the connection is given up. True if it was kept."""
         prepared = self._prepared
-        if prepared is not None:
+        if prepared is None:
+            return False
+        on_done = self._on_done
+        if keep_until is None or on_done is _late or on_done is None:
             self.fail(TransportTimeout(f"no complete response from {prepared.key} in time"))
+            return False
+        self._on_done = _late
+        self.deadline = keep_until
+        self._owner.deliver(on_done, TransportTimeout(
+            f"no complete response from {prepared.key} in time"))
+        return True

@@ -42,6 +42,10 @@ class TransportStats(NamedTuple):
     waiters: int
     requests_done: int
     connections_opened: int
+    timeouts_kept: int = 0
+    """Connections kept open after a missed deadline to read the late answer."""
+    connects_deferred: int = 0
+    """Connects put off by the connect rate cap."""
 
 
 def _settle(fut: asyncio.Future[HttpResponse], result: HttpResponse | BaseException) -> None:
@@ -80,6 +84,9 @@ class FastHttpClient(Dialer):
         deadline_resolution_s: float = 0.05,
         clock: Clock | None = None,
         net_policy: NetPolicy | None = None,
+        keep_after_timeout_s: float = 0.0,
+        max_connects_per_s: float = 0.0,
+        queue_share: float = 0.5,
     ) -> None:
         for name, value in (
             ("max_connections_per_host", max_connections_per_host),
@@ -95,6 +102,10 @@ class FastHttpClient(Dialer):
         if deadline_resolution_s <= 0:
             raise ValueError(f"deadline_resolution_s must be positive, got "
                              f"{deadline_resolution_s}")
+        if keep_after_timeout_s < 0 or max_connects_per_s < 0:
+            raise ValueError("keep_after_timeout_s and max_connects_per_s must not be negative")
+        if not 0 < queue_share <= 1:
+            raise ValueError(f"queue_share must be in (0, 1], got {queue_share}")
         super().__init__(
             max_connections_per_host=max_connections_per_host,
             max_connections=max_connections,
@@ -105,6 +116,9 @@ class FastHttpClient(Dialer):
             deadline_resolution_s=deadline_resolution_s,
             clock=clock if clock is not None else LoopClock(),
             net_policy=net_policy,
+            keep_after_timeout_s=keep_after_timeout_s,
+            max_connects_per_s=max_connects_per_s,
+            queue_share=queue_share,
         )
         self._cache_size = prepared_cache_size
         self._prepared_cache: dict[int, tuple[HttpRequest, PreparedRequest]] = {}
@@ -195,6 +209,8 @@ class FastHttpClient(Dialer):
             waiters=self._n_waiters,
             requests_done=self._done,
             connections_opened=self._opened,
+            timeouts_kept=self._kept,
+            connects_deferred=self._deferred,
         )
 
     async def close(self) -> None:
@@ -219,6 +235,10 @@ class FastHttpClient(Dialer):
             else:
                 self.discard(conn)
         self._starved.clear()
+        self._rate_starved.clear()
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
         if self._deadlines is not None:
             self._deadlines.close()
         if self._sweeper is not None:

@@ -13,6 +13,15 @@ its host's FIFO of waiters. The total number of waiters is bounded
 that grows without limit. When only the global cap blocks a host, the least
 recently used idle connection of another host is closed to make room.
 
+A request waits for a connection at most ``queue_share`` of the time it had
+left when it began to wait, then fails with :class:`TransportQueueTimeout`
+before anything is sent: under overload a FIFO of requests with deadlines
+otherwise serves only requests about to expire, each sent to time out on the
+wire. New connections are capped at ``max_connects_per_s`` (a token bucket
+of a second's worth, all hosts together); a request that would connect beyond
+it waits like one blocked by a cap, so failures cannot turn into a storm of
+reconnects that costs more than the polls.
+
 Each request has one deadline covering waiting, connecting (TLS included),
 sending and receiving: an instant on the client's clock's monotonic scale
 (:mod:`poller.clock`; the device loops compute it on the same clock). It
@@ -22,8 +31,9 @@ became the largest cost in the profile. A request waiting or connecting is an
 entry in a timing wheel of that resolution; a request on a connection is
 found by a sweep of the open connections at that period (one comparison per
 connection, where an entry per request cost two Python calls for answers
-that almost always come first). On timeout the connection is closed, never
-reused.
+that almost always come first). On timeout the connection is kept
+``keep_after_timeout_s`` more to read the late answer and be reused (see
+:mod:`poller.transport.connection`), then closed if it has not come.
 
 If the server closes a reused connection before any byte of the response
 arrived (an idle keep-alive race), the request is retried once on a fresh
@@ -38,6 +48,7 @@ public API :class:`~poller.transport.fasthttp.FastHttpClient`'s.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import OrderedDict
 
@@ -74,8 +85,19 @@ class ConnectionPools:
         deadline_resolution_s: float,
         clock: Clock,
         net_policy: NetPolicy | None,
+        keep_after_timeout_s: float = 0.0,
+        max_connects_per_s: float = 0.0,
+        queue_share: float = 0.5,
     ) -> None:
         self._deadline_res = deadline_resolution_s
+        self._keep_s = keep_after_timeout_s
+        self._queue_share = queue_share
+        self._connect_rate = max_connects_per_s
+        self._tokens = max_connects_per_s  # a second's worth to start with
+        self._tokens_at = -math.inf
+        self._refill: TimerHandle | None = None
+        # Hosts whose waiters could connect but for the connect rate cap.
+        self._rate_starved: OrderedDict[HostPool, None] = OrderedDict()
         self._clock = clock
         self._now = self._clock.monotonic
         self._deadlines: TimingWheel | None = None
@@ -104,6 +126,10 @@ class ConnectionPools:
         self._started = 0
         self._done = 0
         self._opened = 0
+        self._kept = 0
+        """Connections kept open after a missed deadline to read the late answer."""
+        self._deferred = 0
+        """Connects put off by the connect rate cap."""
         self._closed = False
 
     # -- ConnectionOwner -----------------------------------------------------
@@ -185,7 +211,8 @@ class ConnectionPools:
             if self._n_open >= self._max_open and self._idle_lru and not self._starved:
                 # Only the global cap blocks: retire the stalest idle connection.
                 self.discard(next(iter(self._idle_lru)))
-            if self._n_open < self._max_open and not pool.waiters:
+            if self._n_open < self._max_open and not pool.waiters and \
+                    self._may_connect(pool):
                 pending = Pending(self, pool, prepared, headers, deadline, on_done)
                 self._arm_deadline(pending)
                 self._take_slot(pool)
@@ -196,10 +223,13 @@ class ConnectionPools:
             loop.call_soon(self.deliver, on_done, err)
             return
         pending = Pending(self, pool, prepared, headers, deadline, on_done)
-        self._arm_deadline(pending)
+        # Wait for a connection no more than a share of the time left: what
+        # is sent has time to be answered (see the module docstring).
+        now = self._now()
+        self._arm(pending, now + (deadline - now) * self._queue_share)
         pool.waiters[pending] = None
         self._n_waiters += 1
-        if pool.n_open < pool.limit:
+        if pool.n_open < pool.limit and pool not in self._rate_starved:
             self._starved[pool] = None
 
     def _take_slot(self, pool: HostPool) -> None:
@@ -234,10 +264,49 @@ class ConnectionPools:
             self._connect_waiter(other)
 
     def _connect_waiter(self, pool: HostPool) -> None:
+        if not self._may_connect(pool):
+            return
         pending = self._pop_waiter(pool)
         if pending is not None:
             self._take_slot(pool)
             self._open(pool, pending)
+
+    # -- the connect rate cap ------------------------------------------------
+
+    def _may_connect(self, pool: HostPool) -> bool:
+        """Take a token for a new connection to ``pool``; without one, the
+        pool's waiters connect when the bucket refills."""
+        rate = self._connect_rate
+        if rate <= 0:
+            return True
+        now = self._now()
+        tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        self._deferred += 1
+        self._rate_starved[pool] = None
+        if self._refill is None and not self._closed:
+            self._refill = self._clock.call_later((1.0 - tokens) / rate, self._refilled)
+        return False
+
+    def _refilled(self) -> None:
+        """Connect the waiters the cap held back, as far as tokens allow."""
+        self._refill = None
+        starved = self._rate_starved
+        while starved and not self._closed:
+            pool = next(iter(starved))
+            if not pool.waiters or pool.n_open >= pool.limit or self._n_open >= self._max_open:
+                del starved[pool]  # served meanwhile, or a cap holds it now
+                continue
+            if not self._may_connect(pool):
+                return  # the next refill goes on from here
+            pending = self._pop_waiter(pool)
+            if pending is not None:
+                self._take_slot(pool)
+                self._open(pool, pending)
 
     def _pop_waiter(self, pool: HostPool) -> Pending | None:
         """The first waiter with time left to be served, or None.
@@ -264,9 +333,12 @@ class ConnectionPools:
     # -- deadlines -----------------------------------------------------------
 
     def _arm_deadline(self, pending: Pending) -> None:
+        self._arm(pending, pending.deadline)
+
+    def _arm(self, pending: Pending, when: float) -> None:
         assert self._deadlines is not None
         pending.armed = True
-        self._deadlines.add(pending.deadline, pending)
+        self._deadlines.add(when, pending)
 
     @staticmethod
     def _disarm(pending: Pending) -> None:
@@ -275,6 +347,11 @@ class ConnectionPools:
     def _expire(self, pending: Pending) -> None:
         pool = pending.pool
         if pending.task is not None:
+            if pending.deadline > self._now():
+                # Armed when it began to wait (a share of its time); it has
+                # been connecting since: its own deadline holds now.
+                self._arm_deadline(pending)
+                return
             self._abandon_connect(pending)
             self._slot_freed(pool)
             self.deliver(pending.on_done,
@@ -291,8 +368,10 @@ class ConnectionPools:
         """Fail the exchanges past their deadline; again while connections are open."""
         now = self._now()
         conns = self._conns
+        keep_until = now + self._keep_s if self._keep_s > 0 else None
         for conn in [c for c in conns if c.deadline <= now]:
-            conn.expire()
+            if conn.expire(keep_until):
+                self._kept += 1
         if conns and not self._closed:
             self._sweeper = self._clock.call_later(self._deadline_res, self._sweep)
         else:
