@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from poller import config
+from poller.bench.report import SweepStep, overload_ratio, render_sweep
 from poller.bench.run import add_arguments, run_bench
 from poller.bench.serves import shard_dir
 from tests.stackfix import RunningStack
@@ -101,7 +102,11 @@ def test_bench_smoke_writes_a_complete_report(stack: RunningStack, fresh_db: str
     assert doc["runs"] == [main]
     assert doc["floor"] is None and doc["rss_slope"] is None and doc["sweep"] == []
     names = [t["name"] for t in doc["targets"]]
-    assert len(names) == 7
+    assert len(names) == 8
+    past = next(t for t in doc["targets"] if t["name"].startswith("past the limit"))
+    assert (past["value"], past["status"]) == ("no sweep", "n/a")
+    # Kept-alive connections: no device's connection opened again and again.
+    assert main["shed_ticks"] == 0 and main["connections_opened"] <= 50
     assert {t["status"] for t in doc["targets"]} <= {"pass", "fail", "n/a"}
     assert doc["chart"] is None or Path(doc["chart"]).is_file()
 
@@ -247,3 +252,19 @@ def test_bench_kills_one_instance_and_reports_the_failover(stack: RunningStack, 
     out = capsys.readouterr().out
     assert "== failover: kill -9 of one cluster instance ==" in out
     assert "largest gap per device, max / p99" in out
+
+
+def test_overload_ratio_compares_the_largest_overload_with_the_fleet_held() -> None:
+    def step(devices: int, held: bool, per_s: float, overload: bool = False) -> SweepStep:
+        return SweepStep(devices, held, None, None, None, polls_ok_per_s=per_s,
+                         overload=overload)
+
+    steps = [step(1000, True, 160.0), step(2000, True, 330.0), step(4000, False, 500.0),
+             step(3000, False, 480.0), step(8000, False, 450.0, overload=True)]
+    assert overload_ratio(steps, 2000) == 450.0 / 330.0
+    assert overload_ratio(steps[:-1], 2000) is None  # no step past the limit
+    assert overload_ratio(steps, None) is None
+    report = render_sweep(steps, 2000)
+    lines = report.splitlines()
+    assert lines[-1].startswith("  past the limit: 136.4%")
+    assert lines[-3].split()[:2] == ["8,000", "past"] and lines[1].split()[:2] == ["1,000", "held"]

@@ -108,6 +108,14 @@ class FleetRun:
     """Time the collector held the poller, every generation, in the window."""
     gc_full_cpu_s: float = 0.0
     """CPU time of the window's full collections."""
+    shed_ticks: int = 0
+    """Ticks not polled because they came due too late (overload)."""
+    connections_opened: int = 0
+    """Device connections the poller opened during the window."""
+
+    @property
+    def polls_ok_per_s(self) -> float:
+        return self.completed_polls / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def held(self) -> bool:
@@ -134,6 +142,27 @@ class SweepStep:
     ratio: float | None
     lateness_p99_s: float | None
     us_per_poll: float | None
+    polls_ok_per_s: float = 0.0
+    overload: bool = False
+    """A step past the largest fleet held (how overload degrades)."""
+    shed_ticks: int = 0
+    timeouts: int = 0
+    connections_opened: int = 0
+
+
+OVERLOAD_FLOOR = 0.9
+"""Past the limit, completed polls a second stay at least this share of the
+largest fleet held's."""
+
+
+def overload_ratio(steps: list[SweepStep], largest_held: int | None) -> float | None:
+    """Completed polls a second at the largest overload step over those at
+    the largest fleet held (None without both)."""
+    held = [s for s in steps if s.held and s.devices == largest_held]
+    over = [s for s in steps if s.overload]
+    if not held or not over or held[-1].polls_ok_per_s <= 0:
+        return None
+    return max(over, key=lambda s: s.devices).polls_ok_per_s / held[-1].polls_ok_per_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +199,7 @@ def _mark(ok: bool | None) -> str:
 
 
 def evaluate(main: FleetRun, slope: RssSlope | None, floor_multiple: float | None,
-             largest_held: int | None) -> list[Target]:
+             largest_held: int | None, overload: float | None = None) -> list[Target]:
     """The issue's targets against what was measured."""
     us = main.poller.us_per_unit
     big = [n for n in (main.devices if main.devices >= BIG_FLEET else None, largest_held)
@@ -195,6 +224,9 @@ def evaluate(main: FleetRun, slope: RssSlope | None, floor_multiple: float | Non
         Target("largest fleet held (sweep)", f">= {BIG_FLEET:,}",
                f"{max(big):,}" if largest_held is not None else "no sweep",
                _mark(largest_held >= BIG_FLEET) if largest_held is not None else "n/a"),
+        Target("past the limit: polls/s at 2x the fleet held / held",
+               f">= {OVERLOAD_FLOOR:.0%}", "no sweep" if overload is None else f"{overload:.1%}",
+               _mark(None if overload is None else overload >= OVERLOAD_FLOOR)),
         Target("RSS per device", f"<= {RSS_PER_DEVICE_BYTES} B",
                _num(slope.bytes_per_device if slope else None, "B"),
                _mark(None if slope is None else slope.bytes_per_device <= RSS_PER_DEVICE_BYTES)),
@@ -223,6 +255,25 @@ def _api_targets(main: FleetRun) -> list[Target]:
 
 # -- rendering -------------------------------------------------------------------
 
+def render_sweep(steps: list[SweepStep], largest_held: int | None) -> str:
+    """The sweep's curve as a table, with the overload verdict."""
+    out = [f"  {'devices':>9}  {'':8}  {'stored':>9}  {'ok polls/s':>10}  "
+           f"{'p99 late':>9}  {'CPU/poll':>10}  {'shed':>8}  {'timeouts':>8}  {'connects':>8}"]
+    for step in steps:
+        mark = "held" if step.held else "past" if step.overload else "NOT held"
+        out.append(f"  {step.devices:>9,}  {mark:8}  {_pct(step.ratio)[:-2]:>9}  "
+                   f"{step.polls_ok_per_s:>10,.0f}  {_ms(step.lateness_p99_s):>9}  "
+                   f"{_num(step.us_per_poll, 'µs'):>10}  {step.shed_ticks:>8,}  "
+                   f"{step.timeouts:>8,}  {step.connections_opened:>8,}")
+    out.append(f"  largest fleet held: {largest_held:,}" if largest_held else "  no size held")
+    ratio = overload_ratio(steps, largest_held)
+    if ratio is not None:
+        out.append(f"  past the limit: {ratio:.1%} of the held fleet's ok polls a second "
+                   f"(target >= {OVERLOAD_FLOOR:.0%}); 'shed': ticks not polled because they "
+                   "came due too late")
+    return "\n".join(out)
+
+
 def _num(value: float | None, unit: str, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f} {unit}"
 
@@ -249,8 +300,10 @@ def run_table(run: FleetRun) -> str:
          f"{run.ticks_window_s:g} s  ({_pct(run.ticks_ratio)})"),
         ("failed polls", ", ".join(f"{k} {v:,}" for k, v in run.polls_by_outcome.items()
                                    if k != "ok" and v) or "none"),
-        ("skipped ticks", f"{run.skipped_ticks:,} overrun, {run.backpressure_skips:,} "
-         "backpressure"),
+        ("skipped ticks", f"{run.skipped_ticks:,} overrun or no connection in time, "
+         f"{run.shed_ticks:,} shed (due too late), {run.backpressure_skips:,} backpressure"),
+        ("device connections opened", f"{run.connections_opened:,}  "
+         f"({run.connections_opened / run.elapsed_s if run.elapsed_s else 0:,.0f}/s)"),
         ("lateness p50 / p99 / max", f"{_ms(run.lateness_p50_s)} / {_ms(run.lateness_p99_s)} / "
          f"{'<= ' if run.lateness_max_is_bound else ''}{_ms(run.lateness_max_s)}  "
          f"({_pct(run.lateness_within_100ms)} <= 100 ms)"),
@@ -316,12 +369,7 @@ def render(report: BenchReport) -> str:
                    f"{s.bytes_per_device:,.0f} B per device")
     if report.sweep:
         out.append("\n== sweep ==")
-        for step in report.sweep:
-            out.append(f"  {step.devices:>9,}  {'held' if step.held else 'NOT held':8}  "
-                       f"{_pct(step.ratio)}  p99 {_ms(step.lateness_p99_s)}  "
-                       f"{_num(step.us_per_poll, 'µs/poll')}")
-        held = report.sweep_largest_held
-        out.append(f"  largest fleet held: {held:,}" if held else "  no size held")
+        out.append(render_sweep(report.sweep, report.sweep_largest_held))
     if report.profile is not None:
         out.append("\n== profile: poller serve, main window ==")
         out.extend(profiling.render(report.profile))

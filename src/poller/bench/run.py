@@ -40,6 +40,7 @@ from poller.bench.report import (
     Sample,
     SweepStep,
     evaluate,
+    overload_ratio,
     render,
     write_chart,
     write_json,
@@ -371,7 +372,8 @@ class _Bench:
                     "load_average": os.getloadavg(), "argv": sys.argv[1:]},
             main=main, runs=runs, rss_slope=slope, floor=floor, cpu_floor_multiple=multiple,
             sweep=sweep, sweep_largest_held=largest,
-            targets=evaluate(main, slope, multiple, largest), notes=self.notes,
+            targets=evaluate(main, slope, multiple, largest,
+                             overload_ratio(sweep, largest)), notes=self.notes,
             chart=None if reason else str(opts.chart_path), profile=self.profile,
             storage=stored, failover=self.failover)
 
@@ -383,9 +385,7 @@ class _Bench:
         for _ in range(_SWEEP_MAX_STEPS):
             run = self._measure(n, f"sweep step {len(steps) + 1}")
             runs.append(run)
-            ratio = run.ticks_ratio if run.ticks_ratio is not None else run.completed_ratio
-            steps.append(SweepStep(n, run.held, ratio, run.lateness_p99_s,
-                                   run.poller.us_per_unit))
+            steps.append(_step(run))
             if run.held:
                 held_max = max(held_max, n)
             else:
@@ -402,6 +402,13 @@ class _Bench:
                 if fail_min - held_max <= max(held_max // 8, 100):
                     break
                 n = (held_max + fail_min) // 2
+        if held_max:
+            # Past the limit: twice the largest fleet held, to show that
+            # overload degrades (polls a second kept) rather than collapses.
+            over = min(2 * held_max, _MAX_DEVICES)
+            run = self._measure(over, "past the limit (2x the fleet held)")
+            runs.append(run)
+            steps.append(dataclasses.replace(_step(run), overload=True))
         return runs, steps, held_max or None
 
     def _storage(self) -> pgstore.StorageRun:
@@ -590,6 +597,14 @@ class _Bench:
         return count
 
 
+def _step(run: FleetRun) -> SweepStep:
+    ratio = run.ticks_ratio if run.ticks_ratio is not None else run.completed_ratio
+    return SweepStep(run.devices, run.held, ratio, run.lateness_p99_s, run.poller.us_per_unit,
+                     polls_ok_per_s=run.polls_ok_per_s, shed_ticks=run.shed_ticks,
+                     timeouts=run.polls_by_outcome.get("timeout", 0),
+                     connections_opened=run.connections_opened)
+
+
 def _sample(t_s: float, dt: float, before: Scrape, after: Scrape) -> Sample:
     ok = after.total("poller_polls_total", outcome="ok") - \
         before.total("poller_polls_total", outcome="ok")
@@ -632,6 +647,9 @@ def _fleet_run(devices: int, interval_s: float, start: _Snapshot, end: _Snapshot
                           - a.value("poller_skipped_ticks_total")),
         backpressure_skips=int(b.value("poller_backpressure_skips_total")
                                - a.value("poller_backpressure_skips_total")),
+        shed_ticks=int(b.value("poller_shed_ticks_total") - a.value("poller_shed_ticks_total")),
+        connections_opened=int(b.value("poller_http_connections_opened_total")
+                               - a.value("poller_http_connections_opened_total")),
         ticks_window_s=k * interval_s, ticks_scheduled=ticks_scheduled, ticks_stored=stored,
         ticks_ratio=stored / ticks_scheduled if ticks_scheduled else None,
         lateness_p50_s=late.quantile(0.5), lateness_p99_s=late.quantile(0.99),
