@@ -88,8 +88,14 @@ class Membership:
         self.settings = settings
         self.me = me
         self._clock = clock
+        # A store that hangs (stopped, a route dropped) costs every attempt its
+        # timeout, and an attempt holds the lease for lease_s from its start:
+        # two attempts back to back must fit in a lease with room to spare, or
+        # the lease lapses at the end of each and fences a batch of ticks
+        # (skipped, never polled late). A quarter of the lease (lease_s >=
+        # 2 heartbeat_s) leaves at least a quarter spare.
         self._store = MembershipStore(redis_url, settings.name,
-                                      timeout_s=max(0.05, settings.lease_s / 2))
+                                      timeout_s=max(0.05, settings.lease_s / 4))
         self.lease = Lease(settings.lease_s)
         self._view_path = state_dir / VIEW_FILE.format(me) if state_dir is not None else None
         self._supervisor = supervisor if supervisor is not None else Supervisor(clock=clock)
