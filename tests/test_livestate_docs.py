@@ -200,3 +200,58 @@ def test_counters_continue_from_redis_for_own_devices_only(stack: RunningStack) 
     assert doc["first_timestamp"] == 1_700_000_000.0
     assert doc["failures"] == {"timeout": 2}
     assert {k.decode(): v for k, v in rest.items() if k != row.cloud_id.encode()} == others
+
+
+def test_a_cluster_member_letting_a_device_go_writes_no_stopped_document(
+        stack: RunningStack) -> None:
+    """In a cluster the member taking a device writes its state; the one
+    letting it go must not overwrite it with 'stopped' when that device's
+    counters come round (the device waited for its turn when it stopped)."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    import redis.asyncio as aioredis
+
+    from poller import keys
+    from poller.ingest.livestate import LiveState
+    from poller.polling.target import DeviceState, Target
+    from poller.registry import DeviceRecord
+    from tests.rows import make_rows
+
+    now = datetime.now(UTC)
+    url = stack.info.redis_url.rsplit("/", 1)[0] + "/9"
+
+    async def run(write_stopped: bool) -> set[bytes]:
+        targets = []
+        for r in make_rows(2, 1_764_000_000.0):
+            t = Target(DeviceRecord(r.device_id, r.cloud_id, "a@example.com", "eagle-cloud",
+                                    None, {}, 6.0, True, now, now))
+            t.latest = r
+            t.state = DeviceState.OK
+            targets.append(t)
+        dirty: list[Target] = []
+
+        def take() -> list[Target]:
+            taken = dirty[:]
+            dirty.clear()
+            return taken
+
+        live = LiveState(url, lambda: targets, take, counters_every_s=1e-6,
+                         write_stopped=write_stopped)
+        client = aioredis.from_url(url)
+        try:
+            await client.flushdb()
+            await live.start()  # the first flush writes the fleet
+            await client.flushdb()
+            dirty.extend(targets)  # polled since: counters due, no state change
+            targets[1].state = DeviceState.STOPPED  # let go meanwhile
+            await live.flush()
+            return set(_raw(await client.hgetall(keys.STATE)))
+        finally:
+            await live.close()
+            await client.flushdb()
+            await client.aclose()
+
+    ids = [r.cloud_id.encode() for r in make_rows(2, 1_764_000_000.0)]
+    assert asyncio.run(run(write_stopped=False)) == {ids[0]}
+    assert asyncio.run(run(write_stopped=True)) == set(ids)

@@ -179,7 +179,8 @@ class Service:
         if offline is not None:
             initial = await self._from_snapshot(offline, snapshot_path, engine.shard)
         pool = engine.pool
-        self.live = LiveState(ep.redis_url, pool.targets, self._take_dirty)
+        self.live = LiveState(ep.redis_url, pool.targets, self._take_dirty,
+                              write_stopped=self.membership is None)
         # Ingest's and the uploader's tasks stop at their places in the stop
         # order, not with the others: children of the supervisor.
         self.ingest = ingest = Ingest(s.ingest, spool, loader, self.uploader, self.live,

@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from poller import keys
 from poller.polling.stats import OUTCOME_INDEX
-from poller.polling.target import Target
+from poller.polling.target import DeviceState, Target
 from poller.reading import PlainReading
 
 log = logging.getLogger("poller.livestate")
@@ -74,8 +74,13 @@ def reading_docs(readings: Sequence[PlainReading]) -> list[bytes]:
 class LiveState:
     def __init__(self, redis_url: str, targets: Callable[[], list[Target]],
                  take_dirty: Callable[[], list[Target]], *,
-                 counters_every_s: float = 30.0) -> None:
+                 counters_every_s: float = 30.0, write_stopped: bool = True) -> None:
         self._counters_every_s = counters_every_s
+        self._write_stopped = write_stopped
+        """False in a cluster: a stop is mostly a handoff, and the member
+        taking the device writes its state; a 'stopped' document written
+        later by the member letting go (still waiting for its counters'
+        turn) would overwrite it until the new owner's next change."""
         self._counters_at = 0.0
         self._waiting: dict[Target, Target] = {}
         """Targets whose status document is due, oldest first (keyed by identity)."""
@@ -122,7 +127,7 @@ class LiveState:
                 waiting.clear()
                 self._counters_at = now
             elif final:
-                await self._write(dirty, list(waiting.values()))
+                await self._write(dirty, self._documents(list(waiting.values())))
                 waiting.clear()
             else:
                 # State changes at once; counters oldest first, a slice per
@@ -135,7 +140,7 @@ class LiveState:
                 self._counters_at = now
                 quota = math.ceil(len(waiting) * min(1.0, span / self._counters_every_s))
                 due = [waiting.pop(k) for k in list(itertools.islice(waiting, quota))]
-                await self._write(dirty, changed + due)
+                await self._write(dirty, self._documents(changed + due))
             self._needs_rebuild = False
             if not self.up:
                 log.info("redis live state: writing")
@@ -147,6 +152,11 @@ class LiveState:
                             type(exc).__name__)
             self.up = False
             self._needs_rebuild = True
+
+    def _documents(self, targets: list[Target]) -> list[Target]:
+        if self._write_stopped:
+            return targets
+        return [t for t in targets if t.state is not DeviceState.STOPPED]
 
     async def _fold_baselines(self, documents: list[Target]) -> None:
         """Add what Redis counted for ``documents`` never written by this
