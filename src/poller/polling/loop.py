@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from typing import Any, Protocol
 
@@ -308,8 +307,7 @@ class DeviceLoop:
         ctx = self._ctx
         target = self.target
         received = ctx.monotonic() + ctx.wall_offset
-        # schedule.tick_time, inlined: this runs per poll.
-        tick_at = round((self._index * self._interval + self._phase) * 1e6) / 1e6
+        tick_at = schedule.tick_time(self._index, self._interval, self._phase)
         flawed = ctx.bounds.check(step, tick_at)
         if flawed is not None:
             step = flawed.sample
@@ -336,9 +334,7 @@ class DeviceLoop:
             target.consecutive_failures = 0
         if flawed is not None or totals_failure is not None:
             self._note_flaws(flawed, totals_failure)
-        if not target.dirty:  # ctx.dirty.mark(target), inlined: this runs per poll
-            target.dirty = True
-            ctx.dirty.append(target)
+        ctx.dirty.mark(target)
         self._end_poll(received, 0.0)
 
     def _note_flaws(self, flawed: Flawed | None, totals_failure: str | None) -> None:
@@ -401,8 +397,8 @@ class DeviceLoop:
         now = ctx.wall_now()
         # Failures are data for the rollups too (poll_failures): one row,
         # keyed by the tick as a reading would be.
-        ctx.failed(target.record.id,
-                   round((self._index * self._interval + self._phase) * 1e6) / 1e6, index, now)
+        ctx.failed(target.record.id, schedule.tick_time(self._index, self._interval, self._phase),
+                   index, now)
         target.last_poll_at = now
         target.consecutive_failures += 1
         outcome = _OUTCOME_NAMES[index]
@@ -459,8 +455,7 @@ class DeviceLoop:
             if index < following:
                 index = following
         else:
-            # schedule.next_tick_index, inlined: this runs per poll.
-            index = math.floor((now_wall - self._phase) / self._interval) + 1
+            index = schedule.next_tick_index(now_wall, self._interval, self._phase)
             if index > following:
                 skipped = index - following
                 self.target.skipped_ticks += skipped

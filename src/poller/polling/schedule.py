@@ -37,5 +37,5 @@ def tick_time(index: int, interval_s: float, phase_s: float) -> float:
     """Wall time of tick ``index``, rounded to the microsecond that Postgres keeps,
     so the same tick always maps to the same stored ``tick_at``. (Integer
     rounding of the microseconds: a fifth of the cost of ``round(x, 6)``,
-    which formats digits; the loops inline this per poll.)"""
+    which formats digits.)"""
     return round((index * interval_s + phase_s) * 1e6) / 1e6
