@@ -1121,3 +1121,32 @@ async def test_new_connections_are_capped_per_second(
         assert client.stats().connections_opened == 4
     finally:
         await client.close()
+
+
+async def test_waiters_per_host_are_bounded_by_its_connections(
+    raw_servers: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            await release.wait()
+            writer.write(ok_response())
+
+    server = await raw_servers(handler)
+    client = FastHttpClient(max_connections_per_host=1, waiters_per_connection=2)
+    try:
+        calls = [asyncio.ensure_future(client.fetch(get(server.url(f"/{i}")), 5.0))
+                 for i in range(3)]
+        await settle()
+        assert client.stats().waiters == 2
+        # A third waiter for one connection could not be served in time: it
+        # fails at once, as our queue's limit (nothing sent), not the device's.
+        with pytest.raises(TransportPoolFull) as full:
+            await client.fetch(get(server.url("/3")), 5.0)
+        assert isinstance(full.value, TransportQueueTimeout)
+        release.set()
+        assert [r.body for r in await asyncio.gather(*calls)] == [b"ok"] * 3
+        assert server.connections == 1
+    finally:
+        await client.close()

@@ -49,7 +49,12 @@ class PollingEngine:
                                    max_waiters=settings.max_in_flight, clock=clock,
                                    net_policy=policy,
                                    keep_after_timeout_s=settings.keep_after_timeout_s,
-                                   max_connects_per_s=settings.max_connects_per_s)
+                                   max_connects_per_s=settings.max_connects_per_s,
+                                   # A host's busy connections serve the
+                                   # requests queued beyond twice their number
+                                   # too late to matter: such a request is
+                                   # skipped at once, at no cost (overload).
+                                   waiters_per_connection=2)
         self.general = AiohttpClient(max_connections_per_host=per_host,
                                      max_connections=max(per_host, settings.max_in_flight),
                                      net_policy=policy)

@@ -28,8 +28,10 @@ class TransportConnectError(TransportError):
     server closed the connection before sending any byte of the response."""
 
 
-class TransportPoolFull(TransportConnectError):
-    """Every connection is busy and the bounded queue of waiters is full."""
+class TransportPoolFull(TransportQueueTimeout):
+    """Every connection is busy and the bounded queue of waiters is full:
+    nothing was sent, and like a wait that ran out it is our overload, not
+    the device's fault."""
 
 
 class TransportProtocolError(TransportError):

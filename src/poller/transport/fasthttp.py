@@ -87,6 +87,7 @@ class FastHttpClient(Dialer):
         keep_after_timeout_s: float = 0.0,
         max_connects_per_s: float = 0.0,
         queue_share: float = 0.5,
+        waiters_per_connection: int | None = None,
     ) -> None:
         for name, value in (
             ("max_connections_per_host", max_connections_per_host),
@@ -94,6 +95,7 @@ class FastHttpClient(Dialer):
             ("max_body_bytes", max_body_bytes),
             ("max_head_bytes", max_head_bytes),
             ("prepared_cache_size", prepared_cache_size),
+            ("waiters_per_connection", waiters_per_connection or 1),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -119,6 +121,7 @@ class FastHttpClient(Dialer):
             keep_after_timeout_s=keep_after_timeout_s,
             max_connects_per_s=max_connects_per_s,
             queue_share=queue_share,
+            waiters_per_connection=waiters_per_connection,
         )
         self._cache_size = prepared_cache_size
         self._prepared_cache: dict[int, tuple[HttpRequest, PreparedRequest]] = {}
@@ -181,8 +184,9 @@ class FastHttpClient(Dialer):
 
         ``deadline`` is a monotonic instant of the client's clock. ``on_done`` is called exactly
         once, never from inside ``start()``, and must not raise. Errors are
-        :class:`TransportTimeout`, :class:`TransportConnectError` (including
-        :class:`TransportPoolFull`) and :class:`TransportProtocolError`.
+        :class:`TransportTimeout` (including :class:`TransportQueueTimeout` and
+        :class:`TransportPoolFull`: nothing was sent), :class:`TransportConnectError`
+        and :class:`TransportProtocolError`.
         """
         if self._closed:
             raise RuntimeError("FastHttpClient is closed")

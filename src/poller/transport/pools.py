@@ -7,10 +7,14 @@ age out when servers close them. A connection goes back to its pool only
 after a complete response that allows keep-alive.
 
 When no idle connection is free and a cap is reached, the request waits in
-its host's FIFO of waiters. The total number of waiters is bounded
-(``max_waiters``); beyond it a request fails at once with
-:class:`TransportPoolFull`, so overload shows up as errors, never as a queue
-that grows without limit. When only the global cap blocks a host, the least
+its host's FIFO of waiters. The waiters are bounded, in all
+(``max_waiters``) and, if asked, per host (``waiters_per_connection`` times
+the host's connection cap: the pollers' requests beyond could not be served
+in time anyway); beyond either a
+request fails at once with :class:`TransportPoolFull`, a kind of
+:class:`TransportQueueTimeout` (nothing was sent), so overload shows up as
+skipped requests that cost next to nothing, never as a queue that grows
+without limit. When only the global cap blocks a host, the least
 recently used idle connection of another host is closed to make room.
 
 A request waits for a connection at most ``queue_share`` of the time it had
@@ -88,8 +92,10 @@ class ConnectionPools:
         keep_after_timeout_s: float = 0.0,
         max_connects_per_s: float = 0.0,
         queue_share: float = 0.5,
+        waiters_per_connection: int | None = None,
     ) -> None:
         self._deadline_res = deadline_resolution_s
+        self._waiters_per_conn = waiters_per_connection if waiters_per_connection else 1 << 40
         self._keep_s = keep_after_timeout_s
         self._queue_share = queue_share
         self._connect_rate = max_connects_per_s
@@ -218,8 +224,10 @@ class ConnectionPools:
                 self._take_slot(pool)
                 self._open(pool, pending)
                 return
-        if self._n_waiters >= self._max_waiters:
-            err = TransportPoolFull(f"{self._n_waiters} requests already wait for a connection")
+        if self._n_waiters >= self._max_waiters or \
+                len(pool.waiters) >= pool.limit * self._waiters_per_conn:
+            err = TransportPoolFull(f"{len(pool.waiters)} requests already wait for a "
+                                    f"connection to {pool.key} ({self._n_waiters} in all)")
             loop.call_soon(self.deliver, on_done, err)
             return
         pending = Pending(self, pool, prepared, headers, deadline, on_done)
