@@ -51,20 +51,44 @@ class AnswerNow:
         on_done(self.response)
 
 
+class HoldOneRefuseTheRest:
+    """Keeps the first request unanswered and turns every other away at once,
+    as a full queue for connections does."""
+
+    def __init__(self) -> None:
+        self.held: OnDone | None = None
+        self.refused = 0
+
+    def prepared(self, request: HttpRequest) -> Any:
+        return request
+
+    def shared(self, prepared: Any) -> tuple[Any, bytes | None]:
+        return prepared, None
+
+    def start(self, prepared: Any, deadline: float, on_done: OnDone,
+              headers: bytes | None = None) -> bool:
+        if self.held is None:
+            self.held = on_done
+            return True
+        self.refused += 1
+        return False
+
+
 class Rig:
-    def __init__(self, devices: int, *, shed_after_s: float, timeout_s: float) -> None:
+    def __init__(self, devices: int, *, shed_after_s: float, timeout_s: float,
+                 max_in_flight: int = 20_000, transport: Any = None) -> None:
         self.clock = FakeClock(wall=WALL, monotonic=1000.0)
         self.lag = 0.0
         settings = PollingSettings(interval_s=INTERVAL_S, timeout_s=timeout_s,
                                    totals_every=100_000, shed_after_s=shed_after_s,
-                                   wheel_resolution_s=STEP_S)
+                                   wheel_resolution_s=STEP_S, max_in_flight=max_in_flight)
         self.sink = MemorySink()
         self.ctx = LoopContext(settings, self.sink, lambda: self.clock.monotonic() + self.lag,
                                lambda *_: None)
         self.ctx.wheel = TimingWheel(self.clock, STEP_S)
         self.ctx.wall_offset = self.clock.wall() - self.clock.monotonic()
         body = cloud_demand("d8d5b9000001", "00135001000000a1", int(WALL), "0x0003b0", True)
-        self.transport = AnswerNow(body)
+        self.transport = transport if transport is not None else AnswerNow(body)
         driver = EagleCloudDriver("http://127.0.0.1:9")
         self.loops: list[DeviceLoop] = []
         for i in range(devices):
@@ -127,3 +151,24 @@ def test_sheds_spread_over_the_fleet_when_lateness_varies() -> None:
         ticks = sorted(r.tick_at for r in rig.sink.readings if r.device_id == lp.target.record.id)
         gaps = [b - a for a, b in pairwise(ticks)]
         assert max(gaps) <= 4 * INTERVAL_S + 1e-6
+
+
+def test_a_refused_request_skips_the_tick_and_blames_no_device() -> None:
+    # One poll holds the only slot; every other loop waits for it, and each
+    # is refused by the transport once let in. 3,000 of them, let in by one
+    # call: refusals end their polls at once, inside it, and must not nest.
+    transport = HoldOneRefuseTheRest()
+    rig = Rig(3000, shed_after_s=0.5, timeout_s=0.8, max_in_flight=1, transport=transport)
+    rig.clock.advance(INTERVAL_S)
+    limiter = rig.ctx.limiter
+    assert transport.held is not None and len(limiter.waiting) == 2999
+    transport.held(HttpResponse(503, (), b""))
+    assert not limiter.waiting and limiter.in_flight == 0
+    # Those that waited past the shed bar (0.4 s: half the timeout) are shed
+    # when let in; the rest are sent and refused.
+    stats = rig.ctx.stats
+    assert transport.refused > 0 and stats.shed_ticks > 0
+    assert transport.refused + stats.shed_ticks == 2999
+    assert stats.skipped_ticks == transport.refused
+    assert stats.outcome_counts()["connect_error"] == 0
+    assert sum(lp.target.consecutive_failures for lp in rig.loops) == 1  # the 503 only

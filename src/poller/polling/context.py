@@ -94,18 +94,28 @@ class SlotLimiter:
     max_in_flight`` and gives it back by ``in_flight -= 1`` (per poll: no call
     for either), then lets waiters in with :meth:`admit` if any wait."""
 
-    __slots__ = ("in_flight", "max_in_flight", "waiting")
+    __slots__ = ("_admitting", "in_flight", "max_in_flight", "waiting")
 
     def __init__(self, max_in_flight: int) -> None:
         self.in_flight = 0
         self.max_in_flight = max_in_flight
         self.waiting: collections.deque[SlotWaiter] = collections.deque()
+        self._admitting = False
 
     def admit(self) -> None:
-        """Resume waiting loops while slots are free."""
+        """Resume waiting loops while slots are free. A loop resumed here may
+        end its poll at once (a refused request, a driver error) and call
+        this again: the call in progress goes on with the next waiter, so the
+        stack does not grow with the queue."""
+        if self._admitting:
+            return
+        self._admitting = True
         waiting = self.waiting
-        while waiting and self.in_flight < self.max_in_flight:
-            waiting.popleft().resume()
+        try:
+            while waiting and self.in_flight < self.max_in_flight:
+                waiting.popleft().resume()
+        finally:
+            self._admitting = False
 
 
 class LoopContext:

@@ -59,6 +59,8 @@ _I_TOTALS_FAILED = OUTCOME_INDEX[Outcome.TOTALS_FAILED]
 _I_AUTH_REJECTED = OUTCOME_INDEX[Outcome.AUTH_REJECTED]
 _OUTCOME_NAMES = tuple(o.value for o in OUTCOMES)
 _MAX_ERROR_LEN = 200
+_REFUSED = TransportQueueTimeout("every connection busy and the queue for one full")
+"""One error for every refusal: nothing refers to it but this module."""
 
 
 class CallbackTransport(Protocol):
@@ -74,7 +76,10 @@ class CallbackTransport(Protocol):
         ...
 
     def start(self, prepared: Any, deadline: float, on_done: Any,
-              headers: bytes | None = None) -> None: ...
+              headers: bytes | None = None) -> bool | None:
+        """False: refused at once, nothing sent, ``on_done`` never called
+        (the transport's queue is full: our overload)."""
+        ...
 
 
 class DeviceLoop:
@@ -241,8 +246,9 @@ class DeviceLoop:
             repeater = self._repeater
             if repeater is not None and self._prepared is not None and \
                     repeater.repeat(with_totals):
-                self._transport.start(self._prepared, due + self._timeout, self._on_done,
-                                      self._own)
+                if self._transport.start(self._prepared, due + self._timeout, self._on_done,
+                                         self._own) is False:
+                    self._refused()
                 return
             request = self._session.begin(with_totals)
         except Exception as exc:  # a driver bug must not escape into the wheel
@@ -282,7 +288,14 @@ class DeviceLoop:
                     self._prepared, self._prep_request = prepared, request
                 else:
                     self._prepared, self._own = self._transport.shared(prepared)
-        self._transport.start(prepared, deadline, self._on_done)
+        if self._transport.start(prepared, deadline, self._on_done) is False:
+            self._refused()
+
+    def _refused(self) -> None:
+        """The transport turned the request away at once: as a wait for a
+        connection that ran out (see ``_on_transport_error``), without the
+        trip through the event loop."""
+        self._on_transport_error(_REFUSED)
 
     def _on_done(self, result: HttpResponse | BaseException) -> None:
         if isinstance(result, BaseException):

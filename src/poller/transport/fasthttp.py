@@ -28,7 +28,7 @@ from poller.http import HttpRequest, HttpResponse
 from poller.netpolicy import NetPolicy
 from poller.transport.connection import OnDone
 from poller.transport.dial import Dialer
-from poller.transport.errors import TransportConnectError
+from poller.transport.errors import TransportConnectError, TransportPoolFull
 from poller.transport.prepared import PreparedRequest, prepare
 
 
@@ -44,6 +44,8 @@ class TransportStats(NamedTuple):
     connections_opened: int
     timeouts_kept: int = 0
     """Connections kept open after a missed deadline to read the late answer."""
+    refused: int = 0
+    """Requests turned away at once because the waiters' queue was full."""
     connects_deferred: int = 0
     """Connects put off by the connect rate cap."""
 
@@ -154,7 +156,9 @@ class FastHttpClient(Dialer):
         prepared = request if isinstance(request, PreparedRequest) else self.prepared(request)
         loop = self._loop or self._bind()
         fut: asyncio.Future[HttpResponse] = loop.create_future()
-        self.start(prepared, self._now() + timeout_s, partial(_settle, fut))
+        if not self.start(prepared, self._now() + timeout_s, partial(_settle, fut)):
+            raise TransportPoolFull(f"{self._n_waiters} requests already wait for a "
+                                    f"connection ({prepared.key})")
         try:
             return await fut
         finally:
@@ -178,15 +182,17 @@ class FastHttpClient(Dialer):
         return template, prepared.headers
 
     def start(self, prepared: PreparedRequest, deadline: float, on_done: OnDone,
-              headers: bytes | None = None) -> None:
+              headers: bytes | None = None) -> bool:
         """Send ``prepared`` (with ``headers`` in place of its own, if given);
-        call ``on_done`` with the response or the error.
+        call ``on_done`` with the response or the error. False: refused at
+        once, every connection busy and the waiters' queue full (our
+        overload; nothing was sent and ``on_done`` is not called).
 
         ``deadline`` is a monotonic instant of the client's clock. ``on_done`` is called exactly
         once, never from inside ``start()``, and must not raise. Errors are
-        :class:`TransportTimeout` (including :class:`TransportQueueTimeout` and
-        :class:`TransportPoolFull`: nothing was sent), :class:`TransportConnectError`
-        and :class:`TransportProtocolError`.
+        :class:`TransportTimeout` (including :class:`TransportQueueTimeout`:
+        nothing was sent), :class:`TransportConnectError` and
+        :class:`TransportProtocolError`.
         """
         if self._closed:
             raise RuntimeError("FastHttpClient is closed")
@@ -201,8 +207,11 @@ class FastHttpClient(Dialer):
             conn = idle.popitem()[0]
             del self._idle_lru[conn]
             conn.send(prepared, headers, deadline, on_done)
-            return
-        self._start_slow(pool, prepared, headers, deadline, on_done)
+            return True
+        if self._start_slow(pool, prepared, headers, deadline, on_done):
+            return True
+        self._started -= 1
+        return False
 
     def stats(self) -> TransportStats:
         return TransportStats(
@@ -214,6 +223,7 @@ class FastHttpClient(Dialer):
             requests_done=self._done,
             connections_opened=self._opened,
             timeouts_kept=self._kept,
+            refused=self._refused,
             connects_deferred=self._deferred,
         )
 

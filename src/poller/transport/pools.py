@@ -11,8 +11,9 @@ its host's FIFO of waiters. The waiters are bounded, in all
 (``max_waiters``) and, if asked, per host (``waiters_per_connection`` times
 the host's connection cap: the pollers' requests beyond could not be served
 in time anyway); beyond either a
-request fails at once with :class:`TransportPoolFull`, a kind of
-:class:`TransportQueueTimeout` (nothing was sent), so overload shows up as
+request is refused at once, before anything is allocated for it (``start``
+returns False; ``fetch`` raises :class:`TransportPoolFull`, a kind of
+:class:`TransportQueueTimeout`: nothing was sent), so overload shows up as
 skipped requests that cost next to nothing, never as a queue that grows
 without limit. When only the global cap blocks a host, the least
 recently used idle connection of another host is closed to make room.
@@ -62,7 +63,6 @@ from poller.netpolicy import NetPolicy
 from poller.transport.connection import HttpConnection, OnDone
 from poller.transport.errors import (
     TransportConnectError,
-    TransportPoolFull,
     TransportQueueTimeout,
     TransportTimeout,
 )
@@ -136,6 +136,8 @@ class ConnectionPools:
         """Connections kept open after a missed deadline to read the late answer."""
         self._deferred = 0
         """Connects put off by the connect rate cap."""
+        self._refused = 0
+        """Requests turned away at once: the waiters' queue was full."""
         self._closed = False
 
     # -- ConnectionOwner -----------------------------------------------------
@@ -210,9 +212,9 @@ class ConnectionPools:
     def _start_slow(
         self, pool: HostPool, prepared: PreparedRequest, headers: bytes, deadline: float,
         on_done: OnDone,
-    ) -> None:
-        loop = self._loop
-        assert loop is not None
+    ) -> bool:
+        """Connect for the request or queue it; False if it is refused at
+        once (the queue is full: ``on_done`` will not be called)."""
         if pool.n_open < pool.limit:
             if self._n_open >= self._max_open and self._idle_lru and not self._starved:
                 # Only the global cap blocks: retire the stalest idle connection.
@@ -223,13 +225,11 @@ class ConnectionPools:
                 self._arm_deadline(pending)
                 self._take_slot(pool)
                 self._open(pool, pending)
-                return
+                return True
         if self._n_waiters >= self._max_waiters or \
                 len(pool.waiters) >= pool.limit * self._waiters_per_conn:
-            err = TransportPoolFull(f"{len(pool.waiters)} requests already wait for a "
-                                    f"connection to {pool.key} ({self._n_waiters} in all)")
-            loop.call_soon(self.deliver, on_done, err)
-            return
+            self._refused += 1
+            return False
         pending = Pending(self, pool, prepared, headers, deadline, on_done)
         # Wait for a connection no more than a share of the time left: what
         # is sent has time to be answered (see the module docstring).
@@ -239,6 +239,7 @@ class ConnectionPools:
         self._n_waiters += 1
         if pool.n_open < pool.limit and pool not in self._rate_starved:
             self._starved[pool] = None
+        return True
 
     def _take_slot(self, pool: HostPool) -> None:
         pool.n_open += 1
