@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from poller.simulator.faults import Fault
-from poller.simulator.gateway import Gateway
+from poller.simulator.gateway import CONTROL, Gateway
 from poller.simulator.records import ServedReading
 
 PREFIX = b"/_sim/"
@@ -42,7 +42,7 @@ class ControlApi:
 
     def handle(self, method: bytes, url: bytes, body: bytes) -> tuple[int, bytes]:
         """Status and JSON body for one control request."""
-        self._gateway.stats["control"] += 1
+        self._gateway.counts[CONTROL] += 1
         path, _, query = url.partition(b"?")
         name = path[len(PREFIX):].decode("latin-1").rstrip("/")
         params = parse_qs(query.decode("latin-1"))
@@ -63,7 +63,7 @@ class ControlApi:
         gateway = self._gateway
         if name == "stats":
             return {
-                **gateway.stats,
+                **gateway.stats(),
                 "connections": self._connections(),
                 "devices_active": len(gateway.fleet),
                 "fleet_size": gateway.fleet.size,

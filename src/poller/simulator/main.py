@@ -130,7 +130,7 @@ class Simulator:
         return self.records.jitter_report()
 
     def stats(self) -> dict[str, int]:
-        return {**self.gateway.stats, "connections": len(self._connections)}
+        return {**self.gateway.stats(), "connections": len(self._connections)}
 
     def reset(self, faults: bool = False) -> None:
         """Forget records and counters (and all faults if ``faults``)."""

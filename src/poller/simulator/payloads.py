@@ -29,18 +29,115 @@ EPOCH_2000 = 946_684_800
 """Unix time of 2000-01-01T00:00:00Z, the cloud API's epoch."""
 
 
-def demand_hex(demand_w: int, wide: bool) -> str:
+# The answers are %-templates of bytes: "%s" where a value goes and no other
+# "%" (the static text has none), written once here and filled in by the
+# functions below and by the gateway's response forms (responses.Form).
+
+CLOUD_DEMAND_JSON = (
+    b'{\n"InstantaneousDemand": {\n'
+    b'"DeviceMacId": "%s",\n'
+    b'"MeterMacId": "%s",\n'
+    b'"TimeStamp": "%s",\n'
+    b'"Demand": "%s",\n'
+    b'"Multiplier": "0x00000001",\n'
+    b'"Divisor": "0x000003e8",\n'
+    b'"DigitsRight": "0x03",\n'
+    b'"DigitsLeft": "0x06",\n'
+    b'"SuppressLeadingZero": "Y"}\n}\n'
+)
+"""Markers: DeviceMacId, MeterMacId, TimeStamp, Demand."""
+CLOUD_DEMAND_XML = (
+    b"<InstantaneousDemand>\n"
+    b"  <DeviceMacId>%s</DeviceMacId>\n"
+    b"  <MeterMacId>%s</MeterMacId>\n"
+    b"  <TimeStamp>%s</TimeStamp>\n"
+    b"  <Demand>%s</Demand>\n"
+    b"  <Multiplier>0x00000001</Multiplier>\n"
+    b"  <Divisor>0x000003e8</Divisor>\n"
+    b"  <DigitsRight>0x03</DigitsRight>\n"
+    b"  <DigitsLeft>0x06</DigitsLeft>\n"
+    b"  <SuppressLeadingZero>Y</SuppressLeadingZero>\n"
+    b"</InstantaneousDemand>\n"
+)
+# CurrentSummation: the fields of the REST manual, section 13.
+CLOUD_SUMMATION_JSON = (
+    b'{\n"CurrentSummation": {\n'
+    b'"DeviceMacId": "%s",\n'
+    b'"MeterMacId": "%s",\n'
+    b'"TimeStamp": "%s",\n'
+    b'"SummationDelivered": "%s",\n'
+    b'"SummationReceived": "%s",\n'
+    b'"Multiplier": "0x00000001",\n'
+    b'"Divisor": "0x000003e8",\n'
+    b'"DigitsRight": "0x03",\n'
+    b'"DigitsLeft": "0x06",\n'
+    b'"SuppressLeadingZero": "Y"}\n}\n'
+)
+"""Markers: DeviceMacId, MeterMacId, TimeStamp, SummationDelivered,
+SummationReceived (each from :func:`totals_hex`)."""
+CLOUD_SUMMATION_XML = (
+    b"<CurrentSummation>\n"
+    b"  <DeviceMacId>%s</DeviceMacId>\n"
+    b"  <MeterMacId>%s</MeterMacId>\n"
+    b"  <TimeStamp>%s</TimeStamp>\n"
+    b"  <SummationDelivered>%s</SummationDelivered>\n"
+    b"  <SummationReceived>%s</SummationReceived>\n"
+    b"  <Multiplier>0x00000001</Multiplier>\n"
+    b"  <Divisor>0x000003e8</Divisor>\n"
+    b"  <DigitsRight>0x03</DigitsRight>\n"
+    b"  <DigitsLeft>0x06</DigitsLeft>\n"
+    b"  <SuppressLeadingZero>Y</SuppressLeadingZero>\n"
+    b"</CurrentSummation>\n"
+)
+DEVICE_LIST = (
+    b"<DeviceList>\n"
+    b"  <Device>\n"
+    b"    <HardwareAddress>%s</HardwareAddress>\n"
+    b"    <Manufacturer>Generic</Manufacturer>\n"
+    b"    <ModelId>electric_meter</ModelId>\n"
+    b"    <Protocol>Zigbee</Protocol>\n"
+    b"    <LastContact>%s</LastContact>\n"
+    b"    <ConnectionStatus>Connected</ConnectionStatus>\n"
+    b"    <NetworkAddress>0x0000</NetworkAddress>\n"
+    b"  </Device>\n"
+    b"</DeviceList>\n"
+)
+"""``DeviceList`` with the one meter of the gateway. Markers: its
+HardwareAddress and LastContact (:func:`last_contact`)."""
+
+
+def demand_hex_bytes(demand_w: int, wide: bool) -> bytes:
     """Hex ``Demand`` field: 6 digits, or two's complement when negative."""
     if demand_w >= 0:
-        return f"0x{demand_w:06x}"
+        return b"0x%06x" % demand_w
     if wide:
-        return f"0x{demand_w & 0xFFFFFFFF:08x}"
-    return f"0x{demand_w & 0xFFFFFF:06x}"
+        return b"0x%08x" % (demand_w & 0xFFFFFFFF)
+    return b"0x%06x" % (demand_w & 0xFFFFFF)
 
 
-def cloud_timestamp(unix_s: int) -> str:
+def demand_hex(demand_w: int, wide: bool) -> str:
+    """:func:`demand_hex_bytes` as text."""
+    return demand_hex_bytes(demand_w, wide).decode()
+
+
+def cloud_timestamp(unix_s: int) -> bytes:
     """The cloud ``TimeStamp`` text of Unix time ``unix_s``."""
-    return f"0x{unix_s - EPOCH_2000:08x}"
+    return b"0x%08x" % (unix_s - EPOCH_2000)
+
+
+def totals_hex(total_wh: int) -> bytes:
+    """A cloud ``SummationDelivered`` or ``SummationReceived`` field."""
+    return b"0x%016x" % total_wh
+
+
+def last_contact(unix_s: int) -> bytes:
+    """The local ``LastContact`` text: Unix time in hex."""
+    return b"0x%08x" % unix_s
+
+
+def kilo(value: int) -> bytes:
+    """A local value (kW, kWh) of a value in W or Wh."""
+    return b"%.6f" % (value / 1000)
 
 
 def cloud_demand(
@@ -49,86 +146,9 @@ def cloud_demand(
 ) -> bytes:
     """``InstantaneousDemand`` answer; ``demand`` is from :func:`demand_hex`,
     ``timestamp`` (default: from ``unix_s``) the TimeStamp text."""
-    ts = timestamp or cloud_timestamp(unix_s)
-    if as_json:
-        return (
-            '{\n"InstantaneousDemand": {\n'
-            f'"DeviceMacId": "{device_mac}",\n'
-            f'"MeterMacId": "{meter_mac}",\n'
-            f'"TimeStamp": "{ts}",\n'
-            f'"Demand": "{demand}",\n'
-            '"Multiplier": "0x00000001",\n'
-            '"Divisor": "0x000003e8",\n'
-            '"DigitsRight": "0x03",\n'
-            '"DigitsLeft": "0x06",\n'
-            '"SuppressLeadingZero": "Y"}\n}\n'
-        ).encode()
-    return (
-        "<InstantaneousDemand>\n"
-        f"  <DeviceMacId>{device_mac}</DeviceMacId>\n"
-        f"  <MeterMacId>{meter_mac}</MeterMacId>\n"
-        f"  <TimeStamp>{ts}</TimeStamp>\n"
-        f"  <Demand>{demand}</Demand>\n"
-        "  <Multiplier>0x00000001</Multiplier>\n"
-        "  <Divisor>0x000003e8</Divisor>\n"
-        "  <DigitsRight>0x03</DigitsRight>\n"
-        "  <DigitsLeft>0x06</DigitsLeft>\n"
-        "  <SuppressLeadingZero>Y</SuppressLeadingZero>\n"
-        "</InstantaneousDemand>\n"
-    ).encode()
-
-
-def cloud_summation(
-    device_mac: str, meter_mac: str, unix_s: int, delivered_wh: int, received_wh: int,
-    as_json: bool, timestamp: str | None = None,
-) -> bytes:
-    """``CurrentSummation`` answer (fields as in the REST manual, section 13)."""
-    ts = timestamp or cloud_timestamp(unix_s)
-    if as_json:
-        return (
-            '{\n"CurrentSummation": {\n'
-            f'"DeviceMacId": "{device_mac}",\n'
-            f'"MeterMacId": "{meter_mac}",\n'
-            f'"TimeStamp": "{ts}",\n'
-            f'"SummationDelivered": "0x{delivered_wh:016x}",\n'
-            f'"SummationReceived": "0x{received_wh:016x}",\n'
-            '"Multiplier": "0x00000001",\n'
-            '"Divisor": "0x000003e8",\n'
-            '"DigitsRight": "0x03",\n'
-            '"DigitsLeft": "0x06",\n'
-            '"SuppressLeadingZero": "Y"}\n}\n'
-        ).encode()
-    return (
-        "<CurrentSummation>\n"
-        f"  <DeviceMacId>{device_mac}</DeviceMacId>\n"
-        f"  <MeterMacId>{meter_mac}</MeterMacId>\n"
-        f"  <TimeStamp>{ts}</TimeStamp>\n"
-        f"  <SummationDelivered>0x{delivered_wh:016x}</SummationDelivered>\n"
-        f"  <SummationReceived>0x{received_wh:016x}</SummationReceived>\n"
-        "  <Multiplier>0x00000001</Multiplier>\n"
-        "  <Divisor>0x000003e8</Divisor>\n"
-        "  <DigitsRight>0x03</DigitsRight>\n"
-        "  <DigitsLeft>0x06</DigitsLeft>\n"
-        "  <SuppressLeadingZero>Y</SuppressLeadingZero>\n"
-        "</CurrentSummation>\n"
-    ).encode()
-
-
-def local_device_list(meter_mac: str, unix_s: int) -> bytes:
-    """``DeviceList`` with the one meter of the gateway."""
-    return (
-        "<DeviceList>\n"
-        "  <Device>\n"
-        f"    <HardwareAddress>{meter_mac}</HardwareAddress>\n"
-        "    <Manufacturer>Generic</Manufacturer>\n"
-        "    <ModelId>electric_meter</ModelId>\n"
-        "    <Protocol>Zigbee</Protocol>\n"
-        f"    <LastContact>0x{unix_s:08x}</LastContact>\n"
-        "    <ConnectionStatus>Connected</ConnectionStatus>\n"
-        "    <NetworkAddress>0x0000</NetworkAddress>\n"
-        "  </Device>\n"
-        "</DeviceList>\n"
-    ).encode()
+    ts = timestamp.encode() if timestamp else cloud_timestamp(unix_s)
+    return (CLOUD_DEMAND_JSON if as_json else CLOUD_DEMAND_XML) % (
+        device_mac.encode(), meter_mac.encode(), ts, demand.encode())
 
 
 # Local variables: name -> (units, description), in the order of the capture.
@@ -156,49 +176,31 @@ _STATIC_VALUES = {
     "zigbee:Currency": "USD",
     "zigbee:PriceTier": "0",
 }
+# The meter's own values, by the index of their text in a query's values.
+_METER_VALUES = {
+    "zigbee:InstantaneousDemand": 0,
+    "zigbee:CurrentSummationDelivered": 1,
+    "zigbee:CurrentSummationReceived": 2,
+}
 
 
-def local_device_query(
-    meter_mac: str, device_mac: str, unix_s: int, demand_w: int, delivered_wh: int,
-    received_wh: int, variables: Sequence[str], *, last_contact: str | None = None,
-    demand_text: str | None = None, delivered_text: str | None = None,
-) -> bytes:
-    """``Device`` answer to ``device_query`` with the named ``variables``;
-    the keyword texts, when given, replace what the values would give."""
-    demand = demand_text or f"{demand_w / 1000:.6f}"
-    delivered = delivered_text or f"{delivered_wh / 1000:.6f}"
-    received = f"{received_wh / 1000:.6f}"
-    last_contact = last_contact or f"0x{unix_s:08x}"
-    if variables is ALL_VARIABLES:  # the usual poll: one format call
-        return (
-            _ALL_TEMPLATE % (meter_mac, device_mac, last_contact, demand, delivered, received)
-        ).encode()
-    text = _render_query(
-        meter_mac, device_mac, last_contact, demand, delivered, received, variables
-    )
-    return text.encode()
+def query_template(variables: Sequence[str]) -> tuple[bytes, tuple[int, ...]]:
+    """The ``device_query`` answer naming ``variables``, as a template, and
+    which of (demand, delivered, received) fill its value markers, in order.
 
-
-def _render_query(
-    meter_mac: str, device_mac: str, last_contact: str, demand: str, delivered: str,
-    received: str, variables: Sequence[str],
-) -> str:
-    values = {
-        "zigbee:InstantaneousDemand": demand,
-        "zigbee:CurrentSummationDelivered": delivered,
-        "zigbee:CurrentSummationReceived": received,
-    }
+    Markers: HardwareAddress, NetworkInterface, LastContact, then the values.
+    """
     parts = [
         "<Device>\n"
         "  <DeviceDetails>\n"
         "    <Name>Power Meter</Name>\n"
-        f"    <HardwareAddress>{meter_mac}</HardwareAddress>\n"
-        f"    <NetworkInterface>{device_mac}</NetworkInterface>\n"
+        "    <HardwareAddress>%s</HardwareAddress>\n"
+        "    <NetworkInterface>%s</NetworkInterface>\n"
         "    <Protocol>Zigbee</Protocol>\n"
         "    <NetworkAddress>0x0000</NetworkAddress>\n"
         "    <Manufacturer>Generic</Manufacturer>\n"
         "    <ModelId>electric_meter</ModelId>\n"
-        f"    <LastContact>{last_contact}</LastContact>\n"
+        "    <LastContact>%s</LastContact>\n"
         "    <ConnectionStatus>Connected</ConnectionStatus>\n"
         "  </DeviceDetails>\n"
         "  <Components>\n"
@@ -208,9 +210,15 @@ def _render_query(
         "      <Name>Main</Name>\n"
         "      <Variables>\n"
     ]
+    picks: list[int] = []
     for name in variables:
         units, description = LOCAL_VARIABLES[name]
-        value = values.get(name) or _STATIC_VALUES[name]
+        pick = _METER_VALUES.get(name)
+        if pick is None:
+            value = _STATIC_VALUES[name]
+        else:
+            value = "%s"
+            picks.append(pick)
         parts.append(
             "        <Variable>\n"
             f"          <Name>{name}</Name>\n"
@@ -220,11 +228,26 @@ def _render_query(
             "        </Variable>\n"
         )
     parts.append("      </Variables>\n    </Component>\n  </Components>\n</Device>\n")
-    return "".join(parts)
+    return "".join(parts).encode(), tuple(picks)
 
 
-# The static text contains no "%", so the placeholders are the only ones.
-_ALL_TEMPLATE = _render_query("%s", "%s", "%s", "%s", "%s", "%s", ALL_VARIABLES)
+def local_device_query(
+    meter_mac: str, device_mac: str, unix_s: int, demand_w: int, delivered_wh: int,
+    received_wh: int, variables: Sequence[str], *, last_contact_text: str | None = None,
+    demand_text: str | None = None, delivered_text: str | None = None,
+) -> bytes:
+    """``Device`` answer to ``device_query`` with the named ``variables``;
+    the keyword texts, when given, replace what the values would give."""
+    template, picks = query_template(variables)
+    meter = (
+        demand_text.encode() if demand_text else kilo(demand_w),
+        delivered_text.encode() if delivered_text else kilo(delivered_wh),
+        kilo(received_wh),
+    )
+    contact = last_contact_text.encode() if last_contact_text else last_contact(unix_s)
+    values = [meter_mac.encode(), device_mac.encode(), contact]
+    values.extend([meter[i] for i in picks])
+    return template % tuple(values)
 
 
 JSON_PATH = b"/json/"
@@ -240,21 +263,18 @@ def http_json_options() -> dict[str, Any]:
     }}
 
 
-_JSON_TEMPLATE = (
-    '{"id": "%s", "ts": %s, "power": {"w": %s}, '
-    '"energy": {"delivered_wh": %s, "received_wh": %s}, "price": 0.0884}\n'
+JSON_STATUS = (
+    b'{"id": "%s", "ts": %s, "power": {"w": %s}, '
+    b'"energy": {"delivered_wh": %s, "received_wh": %s}, "price": 0.0884}\n'
 )
+"""The http-json document. Markers: the cloud id, then each value as the
+JSON text to write as it is (a number, or a poison such as ``NaN``): ts,
+demand, delivered, received."""
 
 
 def http_json_url(base_url: str, cloud_id: str) -> str:
     """The URL to register an http-json device of the simulator at ``base_url``."""
     return f"{base_url.rstrip('/')}{JSON_PATH.decode()}{cloud_id}"
-
-
-def json_status(cloud_id: str, ts: str, demand: str, delivered: str, received: str) -> bytes:
-    """The http-json document; each value is the JSON text to write as it is
-    (a number, or a poison such as ``NaN``)."""
-    return (_JSON_TEMPLATE % (cloud_id, ts, demand, delivered, received)).encode()
 
 
 _GARBAGE = b"\x00\x1f\x8b\xfe\xff<InstantaneousDemand>\x00\x00\xc3(\r\n"

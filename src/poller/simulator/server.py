@@ -4,6 +4,14 @@ Keep-alive and pipelining: requests on a connection are answered strictly in
 order. An answer that is not ready yet (``slow``) or never will be (``hang``)
 holds back the ones behind it in a small per-connection queue; while nothing
 is pending, answers are written straight away with one ``write`` each.
+
+A poller sends a device the same request bytes on every poll, each in one
+write, so most reads are one whole request seen before: a read that is
+exactly the bytes of a request whose route the gateway learned (see
+gateway.Route) is answered from that route without parsing it. A route is
+learned from a read that began between requests, held exactly one request
+and left the connection kept alive: feeding those bytes to the parser again
+would give the same request and leave it in the same state.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import contextlib
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from time import time
 from typing import cast
 
@@ -20,7 +29,7 @@ import httptools
 
 from poller.simulator import responses
 from poller.simulator.control import PREFIX, ControlApi
-from poller.simulator.gateway import DROP, HANG, RESET, SEND, SLOW, Gateway, Reply
+from poller.simulator.gateway import DROP, HANG, RESET, SEND, SLOW, Gateway, Reply, Route
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 _HEADER_SLOTS = {b"cloud-id": 0, b"user": 1, b"password": 2, b"authorization": 3}
@@ -48,13 +57,17 @@ class HttpConnection(asyncio.Protocol):
     """One client connection to the simulator."""
 
     __slots__ = (
+        "_began",
+        "_between",
         "_body",
+        "_clock",
         "_connections",
         "_control",
         "_dead",
         "_gateway",
         "_headers",
         "_hung",
+        "_learned",
         "_parser",
         "_queue",
         "_slow_delay_s",
@@ -65,9 +78,11 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(
         self, gateway: Gateway, control: ControlApi, connections: set[HttpConnection],
-        slow_delay_s: float,
+        slow_delay_s: float, clock: Callable[[], float] = time,
     ) -> None:
         self._gateway = gateway
+        self._clock = clock
+        """Wall time, Unix seconds (a harness moves it on instead of waiting)."""
         self._control = control
         self._connections = connections
         self._slow_delay_s = slow_delay_s
@@ -80,6 +95,12 @@ class HttpConnection(asyncio.Protocol):
         self._timers: dict[_Pending, asyncio.TimerHandle] = {}
         self._hung = False
         self._dead = False
+        self._between = True
+        """The parser is between requests of a kept-alive connection."""
+        self._began = 0
+        """Requests begun in the read being parsed."""
+        self._learned: Route | None = None
+        """The route of the read's request, to learn if it was the only one."""
 
     # asyncio.Protocol
 
@@ -103,16 +124,32 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._dead:
             return
+        gateway = self._gateway
+        fresh = self._between and not self._hung
+        if fresh:
+            route = gateway.routes.get(data)
+            if route is not None:
+                self._dispatch(gateway.answer(route, self._clock()))
+                return
+        self._began = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
             self._end_with(_BAD_REQUEST)
+            return
         except httptools.HttpParserUpgrade:
             self._end_with(_BAD_REQUEST)
+            return
+        finally:
+            learned, self._learned = self._learned, None
+        if learned is not None and fresh and self._began == 1 and self._between:
+            gateway.learn(data, learned)
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._between = False
+        self._began += 1
         self._url = b""
         self._headers = [None, None, None, None]
         self._body = b""
@@ -134,12 +171,13 @@ class HttpConnection(asyncio.Protocol):
         self._body += body
 
     def on_message_complete(self) -> None:
+        parser = self._parser
+        keep_alive = parser.should_keep_alive()
+        self._between = keep_alive
         if self._hung or self._dead:
             return
-        parser = self._parser
         method = parser.get_method()
         body = self._body
-        keep_alive = parser.should_keep_alive()
         url = self._url
         if url.startswith(PREFIX):
             status, payload = self._control.handle(method, url, body)
@@ -148,9 +186,11 @@ class HttpConnection(asyncio.Protocol):
             return
         h = self._headers
         path = url.partition(b"?")[0]
-        self._dispatch(
-            self._gateway.handle(method, path, h[0], h[1], h[2], h[3], body, keep_alive, time())
-        )
+        now = self._clock()
+        gateway = self._gateway
+        route = gateway.resolve(method, path, h[0], h[1], h[2], h[3], body, keep_alive, now)
+        self._learned = route
+        self._dispatch(gateway.answer(route, now))
 
     # answering in order
 
