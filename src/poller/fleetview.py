@@ -172,6 +172,7 @@ class FleetView:
             connections_opened=http.connections_opened,
             connects_deferred=http.connects_deferred,
             timeouts_kept=http.timeouts_kept,
+            requests_refused=http.refused,
         )
 
     def _rates(self, totals: dict[str, int]) -> dict[str, float]:

@@ -87,6 +87,10 @@ class ServiceCollector:
                                   "Connections kept open after a missed deadline to read "
                                   "the late answer (polling.keep_after_timeout_s).",
                                   value=snap.timeouts_kept)
+        yield CounterMetricFamily("poller_http_requests_refused",
+                                  "Requests turned away at once (ticks skipped): every "
+                                  "connection to the host busy and its queue full.",
+                                  value=snap.requests_refused)
         yield CounterMetricFamily("poller_backpressure_skips",
                                   "Ticks skipped because the ingest buffer was full.",
                                   value=snap.backpressure_skips)

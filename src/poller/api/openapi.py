@@ -249,7 +249,8 @@ _SCHEMAS: dict[str, Schema] = {
                      "spool_full", "spool_errors", "segments_evicted",
                      "segments_awaiting_archive_load", "rows_loaded_from_archive",
                      "segments_unarchived", "shed_ticks", "connections_open",
-                     "connections_opened", "connects_deferred", "timeouts_kept", "extra"],
+                     "connections_opened", "connects_deferred", "timeouts_kept",
+                     "requests_refused", "extra"],
         "properties": {
             "instance_id": _STR, "started_at": _NUM, "devices": _INT,
             "devices_by_state": {"type": "object", "additionalProperties": _INT},
@@ -280,7 +281,7 @@ _SCHEMAS: dict[str, Schema] = {
             "segments_evicted": _INT, "segments_awaiting_archive_load": _INT,
             "rows_loaded_from_archive": _INT, "segments_unarchived": _INT,
             "shed_ticks": _INT, "connections_open": _INT, "connections_opened": _INT,
-            "connects_deferred": _INT, "timeouts_kept": _INT,
+            "connects_deferred": _INT, "timeouts_kept": _INT, "requests_refused": _INT,
             "extra": _ANY_OBJECT,
         },
     },

@@ -94,6 +94,8 @@ class FleetSnapshot:
     """Connects put off by ``polling.max_connects_per_s``, since start."""
     timeouts_kept: int = 0
     """Connections kept open after a missed deadline to read the late answer."""
+    requests_refused: int = 0
+    """Requests turned away at once, every connection busy and the queue full."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

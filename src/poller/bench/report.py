@@ -112,6 +112,9 @@ class FleetRun:
     """Ticks not polled because they came due too late (overload)."""
     connections_opened: int = 0
     """Device connections the poller opened during the window."""
+    requests_refused: int = 0
+    """Ticks skipped because the host's connections were all busy and its
+    queue full (part of ``skipped_ticks``)."""
 
     @property
     def polls_ok_per_s(self) -> float:
@@ -300,8 +303,9 @@ def run_table(run: FleetRun) -> str:
          f"{run.ticks_window_s:g} s  ({_pct(run.ticks_ratio)})"),
         ("failed polls", ", ".join(f"{k} {v:,}" for k, v in run.polls_by_outcome.items()
                                    if k != "ok" and v) or "none"),
-        ("skipped ticks", f"{run.skipped_ticks:,} overrun or no connection in time, "
-         f"{run.shed_ticks:,} shed (due too late), {run.backpressure_skips:,} backpressure"),
+        ("skipped ticks", f"{run.skipped_ticks:,} overrun or no connection in time "
+         f"({run.requests_refused:,} of them refused at once), {run.shed_ticks:,} shed (due "
+         f"too late), {run.backpressure_skips:,} backpressure"),
         ("device connections opened", f"{run.connections_opened:,}  "
          f"({run.connections_opened / run.elapsed_s if run.elapsed_s else 0:,.0f}/s)"),
         ("lateness p50 / p99 / max", f"{_ms(run.lateness_p50_s)} / {_ms(run.lateness_p99_s)} / "

@@ -652,6 +652,8 @@ def _fleet_run(devices: int, interval_s: float, start: _Snapshot, end: _Snapshot
         shed_ticks=int(b.value("poller_shed_ticks_total") - a.value("poller_shed_ticks_total")),
         connections_opened=int(b.value("poller_http_connections_opened_total")
                                - a.value("poller_http_connections_opened_total")),
+        requests_refused=int(b.value("poller_http_requests_refused_total")
+                             - a.value("poller_http_requests_refused_total")),
         ticks_window_s=k * interval_s, ticks_scheduled=ticks_scheduled, ticks_stored=stored,
         ticks_ratio=stored / ticks_scheduled if ticks_scheduled else None,
         lateness_p50_s=late.quantile(0.5), lateness_p99_s=late.quantile(0.99),
