@@ -29,6 +29,13 @@ Key = tuple[str, int, float]
 """A reading as the simulator served it: cloud id, device time, demand."""
 _redis_db = itertools.count(1)
 
+QUICK_SETTLE = {"POLLER_POLLING_TIMEOUT_S": "0.9", "POLLER_INGEST_FLUSH_INTERVAL_S": "0.2"}
+"""For ``poller bench`` runs at a 1 s interval: after its window the bench
+waits a poll timeout and two flushes for the last readings to land, some 7 s
+with the defaults (4 s, 1 s), where a poll at that interval times out after
+0.9 s anyway. Give it to the bench (its settings) and to the serves it starts
+(the environment they inherit) alike."""
+
 
 def service_env(info: StackInfo, database_url: str, state_dir: Path, instance_id: str,
                 **extra: str) -> dict[str, str]:

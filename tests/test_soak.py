@@ -34,6 +34,7 @@ from poller.ingest.pgload import LoaderUnavailable, PgLoader
 from poller.ingest.spool import Spool
 from poller.migrate import migrate
 from tests.rows import FakeClock, make_rows
+from tests.servicefix import QUICK_SETTLE
 from tests.stackfix import RunningStack
 
 MINUTE = 60.0
@@ -210,13 +211,17 @@ def test_census_diff_names_the_type_that_grew(tmp_path: Path) -> None:
 # -- the soak mode, end to end (short) ----------------------------------------------
 
 def test_soak_mode_reports_rss_slope_and_heap_census(stack: RunningStack, fresh_db: str,
-                                                     tmp_path: Path, capsys: Any) -> None:
+                                                     tmp_path: Path, capsys: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in QUICK_SETTLE.items():  # the bench and its serve alike
+        monkeypatch.setenv(name, value)
     settings = config.load(config_path=None, env={
         "POLLER_DATABASE_URL": fresh_db,
         "POLLER_REDIS_URL": stack.info.redis_url,
         "POLLER_S3_ENDPOINT_URL": stack.info.s3_endpoint_url,
         "POLLER_S3_BUCKET": stack.info.bucket,
         "POLLER_S3_PREFIX": f"soak-{uuid.uuid4().hex[:8]}",
+        **QUICK_SETTLE,
     })
     parser = argparse.ArgumentParser()
     add_arguments(parser)
