@@ -1,8 +1,10 @@
 """Pytest fixtures for the embedded stack: one real stack per test session.
 
-Import the fixtures into a test module (or list this module in `pytest_plugins`):
-
-    from tests.stackfix import fresh_db, stack  # noqa: F401
+tests/conftest.py lists this module in `pytest_plugins`, so every test module
+has `stack` and `fresh_db` without importing them. Do not import the fixtures
+into a test module: pytest would take the import for a fixture of that module
+alone and start (and keep until the session ends) a whole second stack for it,
+some 10 s and three more server processes per module.
 """
 
 from __future__ import annotations

@@ -31,19 +31,19 @@ from tests.apiview import (
     fixed_snapshot,
     settings_with,
 )
-from tests.stackfix import RunningStack, fresh_database_url, stack  # noqa: F401
+from tests.stackfix import RunningStack, fresh_database_url
 
 PASSWORD = "pw-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
-def server(stack: RunningStack) -> Iterator[ApiServer]:  # noqa: F811
+def server(stack: RunningStack) -> Iterator[ApiServer]:
     with api_server(fresh_database_url(stack.info), stack.info.redis_url) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def open_server(stack: RunningStack) -> Iterator[ApiServer]:  # noqa: F811
+def open_server(stack: RunningStack) -> Iterator[ApiServer]:
     srv = ApiServer(fresh_database_url(stack.info), stack.info.redis_url,
                     settings_with()).start()
     try:

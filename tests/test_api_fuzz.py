@@ -26,7 +26,7 @@ from poller.config import RetentionSettings
 from poller.retention.job import RetentionJob
 from poller.retention.policy import RetentionPolicy
 from tests.apiview import ADMIN_TOKEN, ApiServer, settings_with
-from tests.stackfix import RunningStack, fresh_database_url, stack  # noqa: F401
+from tests.stackfix import RunningStack, fresh_database_url
 from tests.test_archive import make_store
 
 DOC = document()
@@ -197,7 +197,7 @@ def requests(draw: st.DrawFn, path: str, op: dict[str, Any]) -> tuple[str, bytes
 # -- the fuzzing ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(stack: RunningStack) -> Iterator[ApiServer]:  # noqa: F811
+def server(stack: RunningStack) -> Iterator[ApiServer]:
     srv = ApiServer(fresh_database_url(stack.info), stack.info.redis_url,
                     settings_with(ADMIN_TOKEN, "read-token-0123456789abcdef")).start()
     # GET /api/archive reads the real S3 through a retention job, as in serve.

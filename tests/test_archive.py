@@ -27,9 +27,7 @@ from poller.archive.s3 import MIB, ArchiveError, ArchiveStore, ArchiveUnavailabl
 from poller.archive.uploader import MARKER_SUFFIX, Uploader
 from poller.clock import FakeClock, settle
 from poller.reading import Reading
-from tests.stackfix import RunningStack, stack
-
-__all__ = ["stack"]  # the fixture, imported for pytest
+from tests.stackfix import RunningStack
 
 H0 = 1_709_276_400  # 2024-03-01T07:00Z
 _prefixes = itertools.count(1)

@@ -22,7 +22,7 @@ from poller.ingest.spool import Spool
 from poller.migrate import migrate
 from poller.reading import READING_COLUMNS, Reading
 from tests.rows import FakeClock
-from tests.stackfix import RunningStack, fresh_db, stack  # noqa: F401
+from tests.stackfix import RunningStack
 
 DAY = date(2020, 3, 1)
 T0 = datetime(2020, 3, 1, tzinfo=UTC).timestamp()
@@ -74,7 +74,7 @@ async def _prepare(url: str) -> asyncpg.Connection:
 
 
 @pytest.fixture
-async def conn(fresh_db: str) -> AsyncIterator[asyncpg.Connection]:  # noqa: F811
+async def conn(fresh_db: str) -> AsyncIterator[asyncpg.Connection]:
     c = await _prepare(fresh_db)
     yield c
     await c.close()
@@ -133,7 +133,7 @@ async def test_compaction_keeps_every_reading_exactly_and_is_idempotent(
 
 
 async def test_late_data_into_a_compacted_day_is_loaded_once(
-        conn: asyncpg.Connection, fresh_db: str, tmp_path: Path) -> None:  # noqa: F811
+        conn: asyncpg.Connection, fresh_db: str, tmp_path: Path) -> None:
     before = await _all(conn)
     await compact_day(conn, DAY)
     first = next(pgstore.synthetic(DEVICES, HOURS, 6.0, seed=3, start_s=T0))
@@ -175,7 +175,7 @@ async def test_late_data_into_a_compacted_day_is_loaded_once(
 
 
 async def test_late_data_during_a_compaction_is_loaded_once(
-        conn: asyncpg.Connection, fresh_db: str, tmp_path: Path) -> None:  # noqa: F811
+        conn: asyncpg.Connection, fresh_db: str, tmp_path: Path) -> None:
     before = await _all(conn)
     first = next(pgstore.synthetic(DEVICES, HOURS, 6.0, seed=3, start_s=T0))
     new = [Reading(d, T0 + 3.000001 * d, None, T0 + 4 * d, float(d), None, None, None, "n")
@@ -216,7 +216,7 @@ async def test_a_reading_both_raw_and_packed_stops_compaction(
 
 
 async def test_storage_measure_gives_sane_bytes_per_reading(
-        stack: RunningStack, fresh_db: str) -> None:  # noqa: F811
+        stack: RunningStack, fresh_db: str) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
         await migrate(conn)
@@ -239,7 +239,7 @@ async def test_storage_measure_gives_sane_bytes_per_reading(
         await conn.close()
 
 
-def test_compact_command(fresh_db: str, stack: RunningStack, tmp_path: Path,  # noqa: F811
+def test_compact_command(fresh_db: str, stack: RunningStack, tmp_path: Path,
                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
                          ) -> None:
     async def prepare() -> None:

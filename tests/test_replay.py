@@ -20,10 +20,8 @@ from poller.ingest.spool import Spool
 from poller.migrate import migrate
 from poller.reading import READING_COLUMNS, Reading
 from tests.rows import to_records
-from tests.stackfix import RunningStack, fresh_database_url, stack
+from tests.stackfix import RunningStack, fresh_database_url
 from tests.test_archive import encode
-
-__all__ = ["stack"]  # the fixture, imported for pytest
 
 # 2029-12-31T23:00Z: the next hour is another day, and neither day has a
 # partition yet, so replay must create both.

@@ -33,11 +33,9 @@ from poller.reading import Reading
 from poller.retention.job import RetentionJob
 from poller.retention.policy import RetentionPolicy
 from poller.segment import segment_name
-from tests.stackfix import RunningStack, fresh_database_url, stack
+from tests.stackfix import RunningStack, fresh_database_url
 from tests.test_archive import encode
 from tests.test_replay import hour_rows
-
-__all__ = ["stack"]  # the fixture, imported for pytest
 
 D0 = date(2031, 3, 1)
 DAY_S = 86400

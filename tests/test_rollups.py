@@ -27,7 +27,7 @@ from poller.rollups.query import device_series, fleet_series, level_for
 from poller.rollups.worker import RollupWorker, mark_minutes
 from tests.rollupcheck import assert_rollups_match
 from tests.rows import FakeClock
-from tests.stackfix import RunningStack, fresh_database_url, stack  # noqa: F401
+from tests.stackfix import RunningStack, fresh_database_url
 
 # 2031-03-04T22:58Z: two minutes before an hour that is also a new day.
 T0 = 1_930_431_480.0
@@ -54,7 +54,7 @@ def readings(ticks: range, devices: range = range(1, DEVICES + 1),
 
 
 @pytest.fixture
-def db_url(stack: RunningStack) -> str:  # noqa: F811
+def db_url(stack: RunningStack) -> str:
     return fresh_database_url(stack.info)
 
 

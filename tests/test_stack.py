@@ -22,9 +22,7 @@ from botocore.config import Config
 from poller.stack import EmbeddedStack, StackInfo, StackStartError, pg_bin_dir
 from poller.stack.postgres import psql
 from poller.stack.process import server_env, spawn_detached, terminate
-from tests.stackfix import RunningStack, fresh_database_url, fresh_db, stack
-
-__all__ = ["fresh_db", "stack"]  # fixtures imported for pytest
+from tests.stackfix import RunningStack, fresh_database_url
 
 
 def s3_client(info: StackInfo) -> Any:  # botocore's own client: typed by no stub installed
@@ -144,11 +142,13 @@ def test_stop_start_postgres_keeps_rows(stack: RunningStack) -> None:
     psql(url, "CREATE TABLE IF NOT EXISTS survives (v text); INSERT INTO survives VALUES ('pg')")
     old_pid = stack.stack.status()["postgres"].pid
     stack.stack.stop_component("postgres")
-    assert stack.stack.status()["postgres"].state == "stopped"
-    assert old_pid is not None and gone(old_pid)
-    with pytest.raises(RuntimeError):
-        psql(url, "SELECT 1")
-    stack.stack.start_component("postgres")
+    try:  # the session's stack: up again for the tests after this one, whatever happens
+        assert stack.stack.status()["postgres"].state == "stopped"
+        assert old_pid is not None and gone(old_pid)
+        with pytest.raises(RuntimeError):
+            psql(url, "SELECT 1")
+    finally:
+        stack.stack.start_component("postgres")
     assert stack.stack.status()["postgres"].url == url
     assert "pg" in psql(url, "SELECT v FROM survives").split()
 
@@ -158,9 +158,11 @@ def test_stop_start_valkey_keeps_keys_and_port(
 ) -> None:
     valkey_client.set("survives", b"vk")
     stack.stack.stop_component("valkey")
-    with pytest.raises(redis.ConnectionError):
-        valkey_client.ping()
-    stack.stack.start_component("valkey")
+    try:
+        with pytest.raises(redis.ConnectionError):
+            valkey_client.ping()
+    finally:
+        stack.stack.start_component("valkey")
     assert stack.stack.status()["valkey"].url == stack.info.redis_url
     # The same client object reconnects: same port.
     assert valkey_client.get("survives") == b"vk"
@@ -170,8 +172,10 @@ def test_stop_start_s3_keeps_objects_and_port(stack: RunningStack) -> None:
     client = s3_client(stack.info)
     client.put_object(Bucket=stack.info.bucket, Key="dir/survives.gz", Body=b"s3 data")
     stack.stack.stop_component("s3")
-    assert stack.stack.status()["s3"].state == "stopped"
-    stack.stack.start_component("s3")
+    try:
+        assert stack.stack.status()["s3"].state == "stopped"
+    finally:
+        stack.stack.start_component("s3")
     assert stack.stack.status()["s3"].url == stack.info.s3_endpoint_url
     body = client.get_object(Bucket=stack.info.bucket, Key="dir/survives.gz")["Body"].read()
     assert body == b"s3 data"
@@ -191,7 +195,7 @@ def test_start_component_refuses_a_taken_port(stack: RunningStack) -> None:
         assert err.value.component == "valkey"
     finally:
         squatter.close()
-    stack.stack.start_component("valkey")
+        stack.stack.start_component("valkey")
     assert stack.stack.status()["valkey"].url == stack.info.redis_url
 
 
