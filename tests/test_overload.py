@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
 
+from poller.bench.hotpath import AnswerNow
 from poller.clock import FakeClock
 from poller.config import PollingSettings
 from poller.drivers.base import DeviceSpec
@@ -29,26 +30,6 @@ WALL = float(int(time.time()))
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 INTERVAL_S = 1.0
 STEP_S = 0.01
-
-
-class AnswerNow:
-    """Answers each request at once; counts what was sent (a device's first
-    poll sends two: its totals too)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.response = HttpResponse(200, (), body)
-        self.sent = 0
-
-    def prepared(self, request: HttpRequest) -> Any:
-        return request
-
-    def shared(self, prepared: Any) -> tuple[Any, bytes | None]:
-        return prepared, None
-
-    def start(self, prepared: Any, deadline: float, on_done: OnDone,
-              headers: bytes | None = None) -> None:
-        self.sent += 1
-        on_done(self.response)
 
 
 class HoldOneRefuseTheRest:
@@ -88,7 +69,8 @@ class Rig:
         self.ctx.wheel = TimingWheel(self.clock, STEP_S)
         self.ctx.wall_offset = self.clock.wall() - self.clock.monotonic()
         body = cloud_demand("d8d5b9000001", "00135001000000a1", int(WALL), "0x0003b0", True)
-        self.transport = transport if transport is not None else AnswerNow(body)
+        self.transport = transport if transport is not None else \
+            AnswerNow(HttpResponse(200, (), body))
         driver = EagleCloudDriver("http://127.0.0.1:9")
         self.loops: list[DeviceLoop] = []
         for i in range(devices):

@@ -16,7 +16,6 @@ best repeat (the least disturbed by the rest of a shared machine).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from poller import heap
 from poller.build import build_kind
 from poller.clock import FakeClock
 from poller.config import PollingSettings
@@ -83,11 +83,13 @@ def wheel_case(items: int = 10_000) -> Case:
     return run
 
 
-class _AnswerNow:
-    """A transport that answers every request at once with the same response."""
+class AnswerNow:
+    """A transport that answers every request at once with the same response
+    (and counts the requests)."""
 
     def __init__(self, response: HttpResponse) -> None:
         self._response = response
+        self.sent = 0
 
     def prepared(self, request: HttpRequest) -> Any:
         return request
@@ -97,6 +99,7 @@ class _AnswerNow:
 
     def start(self, prepared: Any, deadline: float, on_done: OnDone,
               headers: bytes | None = None) -> None:
+        self.sent += 1
         on_done(self._response)
 
 
@@ -116,7 +119,7 @@ def loop_case(devices: int = 2_000) -> Case:
     ctx.wheel = TimingWheel(clock, _STEP_S)
     ctx.wall_offset = clock.wall() - clock.monotonic()
     driver = EagleCloudDriver("http://127.0.0.1:9")
-    transport = _AnswerNow(HttpResponse(200, (), _demand_body()))
+    transport = AnswerNow(HttpResponse(200, (), _demand_body()))
     loops = []
     for i in range(devices):
         cloud_id = f"{i + 1:06x}"
@@ -228,17 +231,12 @@ def measure(case: Case, repeat: int) -> float:
     """Best µs per operation over ``repeat`` runs (collector off, as in
     ``timeit``: a full collection is not the operation's cost)."""
     best = float("inf")
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with heap.gc_paused():
         for _ in range(repeat):
             start = time.perf_counter()
             n = case()
             elapsed = time.perf_counter() - start
             best = min(best, elapsed / n * 1e6)
-    finally:
-        if enabled:
-            gc.enable()
     return best
 
 

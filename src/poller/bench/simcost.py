@@ -20,13 +20,13 @@ the best of ``--repeat`` runs, per kind of request the drivers send.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from poller import heap
 from poller.build import build_kind
 from poller.clock import FakeClock
 from poller.drivers.base import DeviceSpec
@@ -134,15 +134,10 @@ def measure(run: Callable[[], tuple[int, float]], repeat: int) -> float:
     """Best CPU µs per request over ``repeat`` runs (collector off: a full
     collection is not a request's cost)."""
     best = float("inf")
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with heap.gc_paused():
         for _ in range(repeat):
             n, elapsed = run()
             best = min(best, elapsed / n * 1e6)
-    finally:
-        if enabled:
-            gc.enable()
     return best
 
 
