@@ -50,11 +50,13 @@ class PollingEngine:
                                    net_policy=policy,
                                    keep_after_timeout_s=settings.keep_after_timeout_s,
                                    max_connects_per_s=settings.max_connects_per_s,
-                                   # A host's busy connections serve the
-                                   # requests queued beyond twice their number
-                                   # too late to matter: such a request is
-                                   # skipped at once, at no cost (overload).
-                                   waiters_per_connection=2)
+                                   # Waiting is bounded in time (half what a
+                                   # request has left); this bounds what it
+                                   # costs under overload. Eight a connection
+                                   # drain in a few hundred ms: a burst after
+                                   # a pause of the loop is still served,
+                                   # where twice that number refused some.
+                                   waiters_per_connection=8)
         self.general = AiohttpClient(max_connections_per_host=per_host,
                                      max_connections=max(per_host, settings.max_in_flight),
                                      net_policy=policy)
