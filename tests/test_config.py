@@ -177,6 +177,21 @@ def test_cli_every_command_has_help() -> None:
         assert "usage: poller" in out.stdout
 
 
+def test_only_the_bench_loads_the_bench() -> None:
+    # Its flags import the whole bench (S3, the simulator...): two thirds of
+    # every command's start-up when they were always built.
+    probe = ("import sys; from poller import cli; cli.build_parser({argv!r}); "
+             "print(','.join(sorted(m for m in sys.modules if m.startswith("
+             "('poller.bench', 'aiobotocore')))))")
+    for argv, loaded in ((["config", "show"], False), (["bench", "--help"], True)):
+        out = subprocess.run([sys.executable, "-c", probe.format(argv=argv)],
+                             capture_output=True, text=True, timeout=60, check=True)
+        assert ("poller.bench.run" in out.stdout) is loaded, (argv, out.stdout)
+        assert ("aiobotocore" in out.stdout) is loaded, (argv, out.stdout)
+    bench = _poller("bench", "--help")
+    assert bench.returncode == 0 and "--devices" in bench.stdout and "--sweep" in bench.stdout
+
+
 def test_cli_unknown_command_exits_2() -> None:
     out = _poller("frobnicate")
     assert out.returncode == 2

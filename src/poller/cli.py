@@ -16,6 +16,7 @@ from typing import Any
 
 from poller import __version__, argtypes, build, logs
 from poller.cliutil import PASSWORD_ENV, settings_from
+from poller.config import Settings
 from poller.errors import PollerError
 
 EXIT_USAGE = 2
@@ -44,7 +45,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-format", default=argparse.SUPPRESS, choices=("text", "json"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. With ``argv`` that does not name ``bench``,
+    the bench's own flags are left out: they import the whole bench (S3,
+    the simulator, ...), about two thirds of every command's start-up."""
     parser = _Parser(prog="poller", description="Polls fleets of home energy gateways on a "
                      "fixed schedule and keeps every reading.")
     parser.add_argument("--version", action="version",
@@ -154,12 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-devices", type=argtypes.count, default=100, metavar="N",
                    help="devices per transaction (default 100)")
 
-    from poller.bench.run import add_arguments as bench_arguments
-    from poller.bench.run import run_bench
-
     p = cmd("bench", "measure throughput, lateness, CPU and memory per device against the "
-            "simulator (starts its own stack under STATE_DIR/bench)", run_bench)
-    bench_arguments(p)
+            "simulator (starts its own stack under STATE_DIR/bench)", _run_bench)
+    if argv is None or "bench" in argv:
+        from poller.bench.run import add_arguments as bench_arguments
+
+        bench_arguments(p)
 
     p = cmd("check", "monitoring check of a running instance (exit 0 OK, 1 WARNING, "
             "2 CRITICAL, 3 UNKNOWN)", c.check)
@@ -198,8 +202,15 @@ def _device_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
         state.add_argument("--disable", dest="enabled", action="store_false")
 
 
+def _run_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from poller.bench.run import run_bench
+
+    return run_bench(settings, args)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         settings = settings_from(args)
